@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv from scratch
+# if needed. The CPU torch pin below is for this project's own machines (dev and CI); users with
+# GPUs install the package with their own torch build (pyproject states the supported range).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev,plots]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) examples/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check deltaH tests benchmarks examples
+	$(VENV)/bin/mypy deltaH
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.run_all --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,56 @@
+"""Reductions that are global when ``torch.distributed`` is initialised and identities otherwise.
+
+Estimators reduce *sums and counts*, never averages of averages: each rank passes its shard of
+the sequences and gets the global value back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(x: Tensor) -> Tensor:
+    if not active():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_max(x: Tensor) -> Tensor:
+    if not active():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_min(x: Tensor) -> Tensor:
+    if not active():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
+
+
+def all_cat(x: Tensor, dim: int = -1) -> Tensor:
+    """Concatenate each rank's ``x`` along ``dim`` (shapes may differ only along ``dim``)."""
+    if not active():
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[dim]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    m = int(max(int(s) for s in sizes))
+    pad_shape = list(x.shape)
+    pad_shape[dim] = m - x.shape[dim]
+    padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p.narrow(dim, 0, int(s)) for p, s in zip(parts, sizes, strict=True)], dim=dim)

@@ -1,0 +1,132 @@
+"""``SequenceBatch``: N sampled sequences with the response tokens that are scored.
+
+``input_ids [N, T]``, ``attention_mask [N, T]`` and ``response_mask [N, T]`` (True at the
+generated tokens, EOS included). Prompt tokens are context only. Left, right or mixed padding
+are all accepted: internally every chunk is *compacted* (each row's attended tokens moved to the
+left, in order) before the forward pass. Position ids are then ``0..len-1`` — exactly
+``cumsum(attention_mask) − 1`` at the attended tokens, as ``generate`` computes them — and causal
+attention alone never looks at padding, so padding side cannot change a result and fully-masked
+attention rows (NaN in HF eager attention on float64 models) never occur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """A validated batch of sequences; see the module docstring for the fields."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+
+    def __post_init__(self) -> None:
+        ids, am, rm = self.input_ids, self.attention_mask, self.response_mask
+        for name, t in (("input_ids", ids), ("attention_mask", am), ("response_mask", rm)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"SequenceBatch.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"SequenceBatch.{name} must be 2-D [N, T], got shape {tuple(t.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"SequenceBatch.input_ids must be an integer tensor (int64), got {ids.dtype}")
+        if am.shape != ids.shape or rm.shape != ids.shape:
+            raise ValueError(
+                "SequenceBatch: input_ids, attention_mask and response_mask must have the same shape, "
+                f"got {tuple(ids.shape)}, {tuple(am.shape)}, {tuple(rm.shape)}"
+            )
+        if ids.shape[0] == 0:
+            raise ValueError("SequenceBatch is empty (N = 0): pass at least one sequence")
+        for name, t in (("attention_mask", am), ("response_mask", rm)):
+            if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
+                raise ValueError(f"SequenceBatch.{name} must be boolean or 0/1, found other values")
+        amb, rmb = am.bool(), rm.bool()
+        bad = (rmb & ~amb).any(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"SequenceBatch.response_mask marks tokens that attention_mask excludes (rows {rows}); "
+                "response tokens must be attended tokens"
+            )
+        empty = ~rmb.any(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"SequenceBatch rows {rows} have no response token: every row needs at least one "
+                "scored token (set response_mask at the generated tokens, EOS included)"
+            )
+        first_attended = torch.where(amb, torch.arange(amb.shape[1], device=amb.device), amb.shape[1]).amin(1)
+        first_resp = torch.where(rmb, torch.arange(rmb.shape[1], device=rmb.device), rmb.shape[1]).amin(1)
+        if bool((first_resp <= first_attended).any()):
+            rows = (first_resp <= first_attended).nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"SequenceBatch rows {rows} start with a response token: a scored token needs at "
+                "least one attended token before it (the prompt, or a BOS token)"
+            )
+        object.__setattr__(self, "attention_mask", amb)
+        object.__setattr__(self, "response_mask", rmb)
+        object.__setattr__(self, "input_ids", ids.long())
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_tokens(self) -> Tensor:
+        """``[N]`` number of scored response tokens per row."""
+        return self.response_mask.sum(1)
+
+    def select(self, rows: Tensor | slice | list[int]) -> SequenceBatch:
+        """The sub-batch of the given rows."""
+        return SequenceBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows])
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)
+        )
+
+
+@dataclass(frozen=True)
+class Compact:
+    """A chunk in compact right-padded form (see module docstring).
+
+    ``ids [n, L]`` (padding filled with the row's last token id), ``position_ids [n, L]``, and the
+    scored positions as flat index tensors: row ``rows [P]``, the position whose logits predict
+    the token ``pred_pos [P]``, and the token ``targets [P]``.
+    """
+
+    ids: Tensor
+    position_ids: Tensor
+    rows: Tensor
+    pred_pos: Tensor
+    targets: Tensor
+    n: int
+
+
+def compact(batch: SequenceBatch) -> Compact:
+    """Move each row's attended tokens to the left, in order, and list the scored positions."""
+    am, rm, ids = batch.attention_mask, batch.response_mask, batch.input_ids
+    n = ids.shape[0]
+    lengths = am.sum(1)
+    length = int(lengths.max())
+    # Stable sort puts attended positions first, keeping their order.
+    order = torch.sort((~am).to(torch.int8), dim=1, stable=True).indices[:, :length]
+    c_ids = ids.gather(1, order)
+    c_resp = rm.gather(1, order)
+    pos = torch.arange(length, device=ids.device).expand(n, length)
+    valid = pos < lengths.unsqueeze(1)
+    c_resp = c_resp & valid
+    # Padding gets a real token id (never attended by valid positions under causal attention).
+    c_ids = torch.where(valid, c_ids, c_ids[:, :1])
+    rows, cols = c_resp.nonzero(as_tuple=True)
+    return Compact(
+        ids=c_ids,
+        position_ids=pos.contiguous(),
+        rows=rows,
+        pred_pos=cols - 1,
+        targets=c_ids[rows, cols],
+        n=n,
+    )

@@ -1,0 +1,292 @@
+"""True ΔH by self-normalised importance sampling (DESIGN.md §1.3).
+
+The evaluation batch ``E`` (N sequences) was sampled from ``q_θ``. For directions ``v_k`` and a
+step ``η``, with ``θ'_k = θ + η·v_k`` and per-sequence statistics from :mod:`deltaH.stats`::
+
+    logw[k, n]  = logq_n(θ'_k) − logq_n(θ)                          [K, N]
+    w̃[k, n]    = softmax_n(logw[k])                                [K, N]
+    H_orig      = mean_n e_n(θ)                                     []
+    H_upd[k]    = Σ_n w̃[k, n] · e_n(θ'_k)                          [K]
+    ΔH[k]       = H_upd[k] − H_orig = Σ_n c[k, n]
+    c[k, n]     = w̃[k, n] · e_n(θ'_k) − e_n(θ) / N                 [K, N]
+    ESS[k]      = 1 / Σ_n w̃[k, n]²
+    retained[k] = mean_n exp(logw[k, n])   (mass of q_θ' on q_θ's support; < 1 means top-p leaked)
+
+``e`` is the RB entropy (``entropy_mode="rb"``) or the surprisal ``−logq`` (``"naive"``).
+Per-token variant: ``Σ_n e_n / Σ_n |R_n|`` before, ``Σ_n w̃ e'_n / Σ_n w̃ |R_n|`` after.
+All sums are float64 and distributed-aware (each rank passes its shard; sums, maxima and the
+PSIS tail are reduced globally). The θ-side statistics are computed once per call and reused
+for every direction and every ``η``; a zero direction or ``η = 0`` reuses them exactly, so it
+gives ΔH = 0 and ESS = N exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from deltaH import _dist, _trees
+from deltaH.batch import SequenceBatch
+from deltaH.estimators._psis import khat_threshold, psis_khat, tail_size
+from deltaH.functional import FunctionalLM
+from deltaH.policy import SamplingPolicy
+from deltaH.stats import SequenceStats, chunks_of, stats_of_chunks
+
+ENTROPY_MODES = ("rb", "naive")
+
+
+@dataclass(frozen=True)
+class TrueDeltaH:
+    """Result of :func:`delta_h_true_multi`.
+
+    Per-direction fields are ``[K]`` (``[n_eta, K]`` for an η sequence; no K axis from
+    :func:`delta_h_true`); ``per_sequence`` adds a trailing ``N`` axis (this rank's sequences).
+    """
+
+    delta_h: Tensor
+    h_upd: Tensor
+    per_sequence: Tensor
+    ess: Tensor
+    khat: Tensor
+    logw_max: Tensor
+    logw_min: Tensor
+    retained_mass: Tensor
+    delta_h_per_token: Tensor
+    h_upd_per_token: Tensor
+    h_orig: Tensor
+    h_orig_per_token: Tensor
+    eta: Tensor
+    n_sequences: int
+    khat_threshold: float
+
+
+def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "rb") -> dict[str, Tensor]:
+    """The SNIS estimate from θ-side stats ``base`` ([N]) and θ'-side ``logq1, ent1`` ([K, N]).
+
+    ``ent1`` is the RB entropy at θ'; in naive mode the surprisal ``−logq1`` is used instead.
+    Returns a dict of the per-direction fields of :class:`TrueDeltaH` (without η/θ-only fields).
+    """
+    lq0 = base.logq.double()
+    e0 = (base.entropy if entropy_mode == "rb" else base.surprisal).double()
+    ntok = base.n_tokens.double()
+    lq1 = logq1.double()
+    e1 = (ent1 if entropy_mode == "rb" else -lq1).double()
+    n_total = _dist.all_sum(torch.tensor(float(lq0.shape[0]), dtype=torch.float64, device=lq0.device))
+    sum_e0 = _dist.all_sum(e0.sum())
+    sum_tok = _dist.all_sum(ntok.sum())
+    h_orig = sum_e0 / n_total
+    h_orig_tok = sum_e0 / sum_tok
+
+    logw = lq1 - lq0  # [K, N]; -inf where θ' leaves θ's nucleus
+    lmax = _dist.all_max(logw.amax(dim=1))  # [K]
+    lmin = _dist.all_min(logw.amin(dim=1))
+    dead = torch.isneginf(lmax)
+    shift = torch.where(dead, torch.zeros_like(lmax), lmax)
+    u = torch.exp(logw - shift.unsqueeze(1))  # [K, N], max 1
+    ue1 = torch.where(u > 0, u * e1, torch.zeros_like(u))  # 0·∞ = 0 (naive mode, dead sequences)
+    s = _dist.all_sum(u.sum(1))
+    s2 = _dist.all_sum((u * u).sum(1))
+    s_ue1 = _dist.all_sum(ue1.sum(1))
+    s_utok = _dist.all_sum((u * ntok).sum(1))
+    # c_n = (u_n e'_n − (S/N) e_n) / S: exactly 0 when θ' = θ (u ≡ 1, S = N).
+    per_seq = (ue1 - (s / n_total).unsqueeze(1) * e0) / s.unsqueeze(1)
+    delta = _dist.all_sum(per_seq.sum(1))
+    h_upd_tok = s_ue1 / s_utok
+    out = {
+        "delta_h": delta,
+        "h_upd": h_orig + delta,
+        "per_sequence": per_seq,
+        "ess": s * s / s2,
+        "logw_max": lmax,
+        "logw_min": lmin,
+        "retained_mass": torch.exp(lmax + torch.log(s / n_total)),
+        "delta_h_per_token": h_upd_tok - h_orig_tok,
+        "h_upd_per_token": h_upd_tok,
+        "h_orig": h_orig,
+        "h_orig_per_token": h_orig_tok,
+    }
+    if bool(dead.any()):
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=lq0.device)
+        for key in ("delta_h", "h_upd", "delta_h_per_token", "h_upd_per_token"):
+            out[key] = torch.where(dead, nan, out[key])
+        out["per_sequence"] = torch.where(dead.unsqueeze(1), nan, per_seq)
+        out["ess"] = torch.where(dead, torch.zeros_like(out["ess"]), out["ess"])
+        out["retained_mass"] = torch.where(dead, torch.zeros_like(lmax), out["retained_mass"])
+        warnings.warn(
+            f"{int(dead.sum())} direction(s) put zero weight on every evaluation sequence (every sequence "
+            "left the top-p nucleus): ΔH is NaN there; use a smaller eta",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    n_int = int(n_total)
+    m = tail_size(n_int) + 1
+    top = logw.topk(min(m, logw.shape[1]), dim=1).values
+    out["khat"] = psis_khat(_dist.all_cat(top, dim=1), n_int).to(lq0.device)
+    return out
+
+
+def _as_etas(eta: float | Sequence[float] | Tensor) -> tuple[list[float], bool]:
+    if isinstance(eta, Tensor):
+        eta = eta.tolist()
+    if isinstance(eta, int | float):
+        etas, scalar = [float(eta)], True
+    else:
+        etas, scalar = [float(e) for e in eta], False
+        if not etas:
+            raise ValueError("eta is an empty sequence: pass a float or a non-empty list of floats")
+    for e in etas:
+        if not math.isfinite(e):
+            raise ValueError(f"eta must be finite, got {e!r}")
+    return etas, scalar
+
+
+def validate_dirs(lm: FunctionalLM, params: Mapping[str, Tensor], dirs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Check a stacked direction tree against the parameters and cast it to their dtype/device."""
+    if not dirs:
+        raise ValueError("dirs is empty: pass a dict of stacked tensors [K, *param_shape]")
+    lm.check_names(dirs, what="dirs", stacked=True)
+    _trees.n_stacked(dirs)
+    return {n: d.to(dtype=params[n].dtype, device=params[n].device) for n, d in dirs.items()}
+
+
+def base_stats(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    policy: SamplingPolicy,
+    tf_batch_size: int = 16,
+    head_chunk: int | None = None,
+) -> SequenceStats:
+    """θ-side statistics, checked: every sequence must have finite ``log q`` under θ."""
+    lq, en = stats_of_chunks(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
+    bad = ~torch.isfinite(lq[0])
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"evaluation sequences {rows} have log q = -inf under θ: they contain tokens outside the "
+            f"nucleus of {policy}, so they were not sampled from this policy (check temperature/top_p)"
+        )
+    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens)
+
+
+def delta_h_true_multi(
+    params: Mapping[str, Tensor],
+    dirs: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    lm: FunctionalLM,
+    policy: SamplingPolicy,
+    eta: float | Sequence[float] | Tensor = 1e-4,
+    tf_batch_size: int = 16,
+    dir_chunk: int = 8,
+    entropy_mode: str = "rb",
+    head_chunk: int | None = None,
+    base: SequenceStats | None = None,
+) -> TrueDeltaH:
+    """True ΔH along K stacked directions ``dirs [K, ...]`` for one η or a sweep of η.
+
+    See the module docstring for the formulas. ``dirs`` may cover a subset of the trainable
+    parameters (missing names are zero). ``base`` (θ-side stats from :func:`base_stats`) may be
+    passed to reuse it across calls.
+    """
+    if entropy_mode not in ENTROPY_MODES:
+        raise ValueError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
+    if int(dir_chunk) < 1:
+        raise ValueError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
+    etas, scalar = _as_etas(eta)
+    with torch.no_grad():
+        return _delta_h_true_multi(
+            params, dirs, batch, lm, policy, etas, scalar, tf_batch_size, dir_chunk, entropy_mode, head_chunk, base
+        )
+
+
+def _delta_h_true_multi(
+    params: Mapping[str, Tensor],
+    dirs: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    lm: FunctionalLM,
+    policy: SamplingPolicy,
+    etas: list[float],
+    scalar: bool,
+    tf_batch_size: int,
+    dir_chunk: int,
+    entropy_mode: str,
+    head_chunk: int | None,
+    base: SequenceStats | None,
+) -> TrueDeltaH:
+    lm.check_names(params)
+    dirs = validate_dirs(lm, params, dirs)
+    k_total = _trees.n_stacked(dirs)
+    chunks = chunks_of(batch, tf_batch_size)
+    if base is None:
+        base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
+    zero = _trees.is_zero(dirs)
+    results = []
+    for e in etas:
+        lq1 = base.logq.unsqueeze(0).repeat(k_total, 1)
+        en1 = base.entropy.unsqueeze(0).repeat(k_total, 1)
+        if e != 0.0:
+            for s in range(0, k_total, dir_chunk):
+                idx = torch.arange(s, min(s + dir_chunk, k_total))
+                idx = idx[~zero[idx]]  # θ' = θ exactly: keep the θ-side values
+                if idx.numel() == 0:
+                    continue
+                shifted = {n: params[n] + e * d[idx.to(d.device)] for n, d in dirs.items()}
+                lq, en = stats_of_chunks(lm, params, shifted, chunks, policy, head_chunk)
+                lq1[idx.to(lq1.device)] = lq
+                en1[idx.to(en1.device)] = en
+        results.append(snis(base, lq1, en1, entropy_mode))
+    return _assemble(results, etas, scalar, base)
+
+
+def _assemble(results: list[dict[str, Tensor]], etas: list[float], scalar: bool, base: SequenceStats) -> TrueDeltaH:
+    n_total = int(_dist.all_sum(torch.tensor(float(base.logq.shape[0]), dtype=torch.float64)))
+    per_dir = [f.name for f in fields(TrueDeltaH) if f.name not in ("h_orig", "h_orig_per_token", "eta",
+                                                                      "n_sequences", "khat_threshold")]
+    if scalar:
+        vals = {k: results[0][k] for k in per_dir}
+    else:
+        vals = {k: torch.stack([r[k] for r in results]) for k in per_dir}
+    return TrueDeltaH(
+        **vals,
+        h_orig=results[0]["h_orig"],
+        h_orig_per_token=results[0]["h_orig_per_token"],
+        eta=torch.tensor(etas[0] if scalar else etas, dtype=torch.float64),
+        n_sequences=n_total,
+        khat_threshold=khat_threshold(n_total),
+    )
+
+
+def delta_h_true(
+    params: Mapping[str, Tensor],
+    direction: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    lm: FunctionalLM,
+    policy: SamplingPolicy,
+    eta: float | Sequence[float] | Tensor = 1e-4,
+    **kwargs: object,
+) -> TrueDeltaH:
+    """:func:`delta_h_true_multi` for one direction (a plain tree, no K axis in the result)."""
+    res = delta_h_true_multi(
+        params, {n: t.unsqueeze(0) for n, t in direction.items()}, batch, lm=lm, policy=policy, eta=eta,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    squeeze = {
+        f.name: getattr(res, f.name).select(-1 if f.name != "per_sequence" else -2, 0)
+        for f in fields(TrueDeltaH)
+        if f.name not in ("h_orig", "h_orig_per_token", "eta", "n_sequences", "khat_threshold")
+    }
+    return TrueDeltaH(
+        **squeeze,
+        h_orig=res.h_orig,
+        h_orig_per_token=res.h_orig_per_token,
+        eta=res.eta,
+        n_sequences=res.n_sequences,
+        khat_threshold=res.khat_threshold,
+    )

@@ -1,0 +1,224 @@
+"""``FunctionalLM``: a Hugging Face causal LM (plain or peft) as a pure function of its parameters.
+
+The trainable parameters (``requires_grad``) are ``θ``, a ``dict[str, Tensor]`` keyed by the
+model's de-duplicated ``named_parameters()`` names (peft's in-memory names, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``). Everything else
+(frozen weights, buffers) stays in the module and is shared by every call.
+
+The model is split into a *backbone* (``ids → final hidden states``) and a *head*
+(``hidden → logits``) so that logits are only ever formed for chunks of scored positions; a
+one-token probe at construction checks that ``head(backbone(x))`` equals the model's own logits,
+so architectures that post-process logits (soft-capping, scaling) are refused instead of being
+silently wrong. This module holds the project's one call of ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_ATTN_OK = ("eager", "sdpa")
+
+
+class _Split(nn.Module):
+    """Holds the user's model (as a reference, nothing is copied or changed) and runs either part."""
+
+    def __init__(self, model: nn.Module, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # Plain attributes (not submodules) so parameter names stay those of ``model``.
+        object.__setattr__(self, "_backbone", backbone)
+        object.__setattr__(self, "_head", head)
+
+    def forward(self, part: str, x: Tensor, position_ids: Tensor | None = None, **kw: Any) -> Any:
+        if part == "backbone":
+            out = self._backbone(input_ids=x, position_ids=position_ids, use_cache=False)
+            return out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if part == "step":  # incremental decoding with a KV cache (the sampler)
+            out = self.model(input_ids=x, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kw)
+            return out.logits[:, -1], out.past_key_values
+        return self._head(x)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The underlying ``PreTrainedModel`` of a peft wrapper (with LoRA layers injected), or itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _check_adapters(model: nn.Module) -> None:
+    """Refuse peft adapters that would silently bypass their LoRA parameters."""
+    for name, mod in model.named_modules():
+        if getattr(mod, "merged", False) and hasattr(mod, "lora_A"):
+            raise ValueError(
+                f"peft adapter at '{name}' is merged into the base weights: its LoRA parameters no longer "
+                "act. Load the checkpoint without merge_and_unload()/merge_adapter(), or unmerge_adapter()."
+            )
+        if getattr(mod, "disable_adapters", False) and hasattr(mod, "lora_A"):
+            raise ValueError(
+                f"peft adapter at '{name}' is disabled: its LoRA parameters do not act. "
+                "Enable it (model.enable_adapter_layers()) before building a FunctionalLM."
+            )
+
+
+@dataclass
+class FunctionalLM:
+    """A causal LM as pure functions of its trainable parameters.
+
+    ``params`` is ``θ`` (detached views of the trainable parameters); ``backbone(params, ids,
+    position_ids) -> hidden [n, L, D]`` and ``head(params, hidden [..., D]) -> logits [..., V]``.
+    No call mutates, snapshots or restores the module.
+    """
+
+    model: nn.Module
+    params: dict[str, Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+    head_names: frozenset[str] = frozenset()
+    vocab_size: int = 0
+    _split: _Split | None = field(default=None, repr=False)
+    _attn: str = "eager"
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module) -> FunctionalLM:
+        """Wrap an HF causal LM or a peft model; trainable parameters are those with ``requires_grad``.
+
+        The model must be in ``eval()`` mode (dropout makes ΔH random and cannot run under vmap)
+        and use eager or SDPA attention (SDPA runs through its math kernel, which supports vmap and
+        forward-mode AD).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FunctionalLM.from_model expects a torch.nn.Module, got {type(model).__name__}")
+        training = [n for n, m in model.named_modules() if m.training]
+        if training:
+            raise ValueError(
+                "model is in training mode (dropout would make every estimate random and cannot run "
+                f"under vmap; first module: '{training[0] or '<root>'}'): call model.eval() first"
+            )
+        _check_adapters(model)
+        inner = _unwrap(model)
+        cfg = getattr(inner, "config", None)
+        attn = getattr(cfg, "_attn_implementation", None) or "eager"
+        if attn not in _ATTN_OK:
+            raise ValueError(
+                f"attention implementation '{attn}' cannot run under torch.func (vmap/jvp); load the model "
+                "with attn_implementation='eager' or 'sdpa'"
+            )
+        get_dec, get_out = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
+        if not (callable(get_dec) and callable(get_out)) or get_out() is None:
+            raise TypeError(
+                f"{type(inner).__name__} is not a causal LM with get_decoder()/get_output_embeddings(); "
+                "pass an AutoModelForCausalLM (optionally wrapped by peft)"
+            )
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError("model has no trainable parameters (requires_grad=True): nothing to perturb")
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        aliases = {
+            n: canonical[id(p)]
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if canonical[id(p)] != n
+        }
+        head = get_out()
+        head_names = frozenset(canonical[id(p)] for p in head.parameters()) & frozenset(params)
+        lm = cls(
+            model=model,
+            params=params,
+            aliases=aliases,
+            head_names=head_names,
+            _split=_Split(model, get_dec(), head),
+            _attn=attn,
+        )
+        lm.vocab_size = lm._probe(inner)
+        return lm
+
+    def _probe(self, inner: nn.Module) -> int:
+        """Check that head(backbone(x)) reproduces the model's logits on a 3-token input; return V."""
+        dev = next(iter(self.params.values())).device
+        ids = torch.tensor([[0, 1, 2]], device=dev) % int(getattr(inner.config, "vocab_size", 3))
+        pos = torch.arange(3, device=dev).unsqueeze(0)
+        with torch.no_grad(), self._kernels():
+            ref = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            got = self.head(self.params, self.backbone(self.params, ids, pos))
+        if ref.shape != got.shape or not torch.allclose(ref.float(), got.float(), rtol=1e-3, atol=1e-4):
+            raise NotImplementedError(
+                f"{type(inner).__name__}: head(backbone(x)) does not reproduce the model's logits (the "
+                "architecture post-processes logits, e.g. soft-capping); deltaH does not support it yet"
+            )
+        return int(got.shape[-1])
+
+    # -- the functional boundary -----------------------------------------------------------
+    def check_names(self, tree: Mapping[str, Tensor], what: str = "params", stacked: bool = False) -> None:
+        """Raise if ``tree`` has names that are not trainable parameters, or shapes that do not fit."""
+        for name, t in tree.items():
+            if name in self.params:
+                want = tuple(self.params[name].shape)
+                got = tuple(t.shape[1:]) if stacked else tuple(t.shape)
+                if got != want:
+                    raise ValueError(
+                        f"{what}['{name}'] has shape {tuple(t.shape)}; the parameter has shape {want}"
+                        + (" (with a leading direction axis K)" if stacked else "")
+                    )
+                continue
+            if name in self.aliases:
+                raise ValueError(
+                    f"{what}['{name}'] is tied to '{self.aliases[name]}' (the same tensor): use that name"
+                )
+            close = [p for p in self.params if name.split(".")[-2:] == p.split(".")[-2:]][:3]
+            hint = f"; did you mean {close}?" if close else f"; trainable names look like '{next(iter(self.params))}'"
+            raise KeyError(f"{what}['{name}'] is not a trainable parameter of the model{hint}")
+
+    @contextlib.contextmanager
+    def _kernels(self) -> Iterator[None]:
+        if self._attn == "sdpa":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                yield
+        else:
+            yield
+
+    def _call(
+        self, params: Mapping[str, Tensor], part: str, x: Tensor, position_ids: Tensor | None, **kw: Any
+    ) -> Any:
+        assert self._split is not None
+        full = {"model." + k: v for k, v in params.items()}
+        with self._kernels():
+            return torch.func.functional_call(self._split, full, (part, x, position_ids), kw, tie_weights=True)
+
+    def backbone(self, params: Mapping[str, Tensor], ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Final hidden states ``[n, L, D]`` (after the last norm) at parameters ``params``."""
+        return self._call(params, "backbone", ids, position_ids)
+
+    def head(self, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+        """Logits ``[..., V]`` of hidden states ``[..., D]``."""
+        return self._call(params, "head", hidden, None)
+
+    def step(
+        self,
+        params: Mapping[str, Tensor],
+        ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor,
+        past_key_values: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """One incremental decoding step: last-position logits ``[n, V]`` and the updated KV cache.
+
+        ``attention_mask [n, L_past + L]`` covers the cached and the new tokens (left padding ok).
+        """
+        return self._call(
+            params, "step", ids, position_ids, attention_mask=attention_mask, past_key_values=past_key_values
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device

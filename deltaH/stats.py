@@ -1,0 +1,146 @@
+"""Per-sequence statistics by teacher forcing: ``log q``, RB entropy, surprisal, token counts.
+
+For sequence ``n`` with scored positions ``R_n`` (DESIGN.md §1.2)::
+
+    logq_n      = Σ_{t∈R_n} log q(y_t | y_<t)
+    entropy_n   = Σ_{t∈R_n} H(q(· | y_<t))          (Rao–Blackwellised)
+    surprisal_n = −logq_n
+    n_tokens_n  = |R_n|
+
+Sequences run in chunks of ``tf_batch_size``; logits exist only for ``head_chunk`` scored
+positions at a time (never ``[N, T, V]``). With stacked directions ``dirs [K, ...]`` and a step
+``η``, the backbone runs under ``vmap`` over the K shifted parameter sets ``θ + η·v_k`` (ids and
+masks stay unbatched, frozen weights are shared), and the head runs on ``[K, P, D]`` hidden
+states: one GEMM when the head is not perturbed. Sums are float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deltaH.batch import Compact, SequenceBatch, compact
+from deltaH.functional import FunctionalLM
+from deltaH.policy import SamplingPolicy
+
+# Elements of one [rows, V] logits chunk (rows across directions); a few temporaries of this
+# size exist at once inside the policy math.
+_HEAD_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """Per-sequence statistics, float64: ``logq``, ``entropy``, ``surprisal`` shaped ``[N]``
+    (or ``[K, N]`` for K directions); ``n_tokens [N]`` int64."""
+
+    logq: Tensor
+    entropy: Tensor
+    surprisal: Tensor
+    n_tokens: Tensor
+
+
+def chunks_of(batch: SequenceBatch, tf_batch_size: int) -> list[Compact]:
+    """The batch as compacted chunks of at most ``tf_batch_size`` sequences."""
+    if int(tf_batch_size) < 1:
+        raise ValueError(f"tf_batch_size must be >= 1, got {tf_batch_size!r}")
+    n = len(batch)
+    return [compact(batch.select(slice(s, s + tf_batch_size))) for s in range(0, n, tf_batch_size)]
+
+
+def head_rows(lm: FunctionalLM, k: int, head_chunk: int | None) -> int:
+    """Scored positions per head call for ``k`` directions at once."""
+    if head_chunk is not None:
+        if int(head_chunk) < 1:
+            raise ValueError(f"head_chunk must be >= 1, got {head_chunk!r}")
+        return int(head_chunk)
+    vocab = int(lm.vocab_size)
+    return max(1, _HEAD_ELEMENTS // (vocab * max(k, 1)))
+
+
+def chunk_token_stats(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    shifted: Mapping[str, Tensor] | None,
+    c: Compact,
+    policy: SamplingPolicy,
+    head_chunk: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token-level ``log q`` and entropy ``[K, P]`` of one compacted chunk.
+
+    ``shifted`` is ``None`` (θ itself, K = 1) or a stacked tree ``[K, ...]`` of the parameters
+    that differ from ``params``. Values are in the policy's compute dtype (float32/float64).
+    """
+    if shifted is None:
+        hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
+    else:
+        base = {k: v for k, v in params.items() if k not in shifted}
+
+        def run(sp: Mapping[str, Tensor]) -> Tensor:
+            return lm.backbone({**base, **sp}, c.ids, c.position_ids)
+
+        hidden = torch.func.vmap(run)(dict(shifted))  # [K, n, L, D]
+    k = hidden.shape[0]
+    h = hidden[:, c.rows, c.pred_pos]  # [K, P, D]: positions that predict a scored token
+    head_shifted = {n: t for n, t in (shifted or {}).items() if n in lm.head_names}
+    step = head_rows(lm, k, head_chunk)
+    lq_parts, en_parts = [], []
+    for s in range(0, h.shape[1], step):
+        hc = h[:, s : s + step]
+        if head_shifted:
+            head_base = {n: t for n, t in params.items() if n not in head_shifted}
+
+            def head(sp: Mapping[str, Tensor], x: Tensor) -> Tensor:
+                return lm.head({**head_base, **sp}, x)
+
+            logits = torch.func.vmap(head)(head_shifted, hc)
+        else:
+            logits = lm.head(params, hc)
+        tgt = c.targets[s : s + step].expand(k, -1)
+        lq, en = policy.token_stats(logits, tgt)
+        lq_parts.append(lq)
+        en_parts.append(en)
+    return torch.cat(lq_parts, dim=1), torch.cat(en_parts, dim=1)
+
+
+def _per_sequence(tok: Tensor, c: Compact) -> Tensor:
+    """Sum token values ``[K, P]`` into sequences ``[K, n]`` (float64)."""
+    out = torch.zeros(tok.shape[0], c.n, dtype=torch.float64, device=tok.device)
+    return out.index_add(1, c.rows, tok.double())
+
+
+def stats_of_chunks(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    shifted: Mapping[str, Tensor] | None,
+    chunks: Sequence[Compact],
+    policy: SamplingPolicy,
+    head_chunk: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence ``(logq, entropy)``, each ``[K, N]`` float64, over all chunks."""
+    lq_all, en_all = [], []
+    for c in chunks:
+        lq, en = chunk_token_stats(lm, params, shifted, c, policy, head_chunk)
+        lq_all.append(_per_sequence(lq, c))
+        en_all.append(_per_sequence(en, c))
+    return torch.cat(lq_all, dim=1), torch.cat(en_all, dim=1)
+
+
+def sequence_stats(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    policy: SamplingPolicy,
+    tf_batch_size: int = 16,
+    head_chunk: int | None = None,
+) -> SequenceStats:
+    """Per-sequence ``log q``, RB entropy, surprisal and token counts at ``params`` (``[N]`` each).
+
+    >>> st = sequence_stats(lm, lm.params, batch, policy=SamplingPolicy(0.7, 0.9))  # doctest: +SKIP
+    """
+    lm.check_names(params)
+    lq, en = stats_of_chunks(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
+    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens)
