@@ -77,7 +77,7 @@ def stacked_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     for k, v in a.items():
         if k not in b:
             continue
-        term = (v.double().flatten(1) @ b[k].double().flatten().to(v.device))
+        term = v.double().flatten(1) @ b[k].double().flatten().to(v.device)
         out = term if out is None else out + term
     if out is None:
         return torch.zeros(n_stacked(a), dtype=torch.float64)

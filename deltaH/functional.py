@@ -32,17 +32,16 @@ class _Split(nn.Module):
         super().__init__()
         self.model = model
         # Plain attributes (not submodules) so parameter names stay those of ``model``.
-        object.__setattr__(self, "_backbone", backbone)
-        object.__setattr__(self, "_head", head)
+        self._parts: dict[str, nn.Module] = {"backbone": backbone, "head": head}
 
     def forward(self, part: str, x: Tensor, position_ids: Tensor | None = None, **kw: Any) -> Any:
         if part == "backbone":
-            out = self._backbone(input_ids=x, position_ids=position_ids, use_cache=False)
+            out = self._parts["backbone"](input_ids=x, position_ids=position_ids, use_cache=False)
             return out[0] if isinstance(out, tuple) else out.last_hidden_state
         if part == "step":  # incremental decoding with a KV cache (the sampler)
             out = self.model(input_ids=x, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kw)
             return out.logits[:, -1], out.past_key_values
-        return self._head(x)
+        return self._parts["head"](x)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -170,7 +169,11 @@ class FunctionalLM:
                     f"{what}['{name}'] is tied to '{self.aliases[name]}' (the same tensor): use that name"
                 )
             close = [p for p in self.params if name.split(".")[-2:] == p.split(".")[-2:]][:3]
-            hint = f"; did you mean {close}?" if close else f"; trainable names look like '{next(iter(self.params))}'"
+            hint = (
+                f"; did you mean {close}?"
+                if close
+                else f"; trainable names look like '{next(iter(self.params))}'"
+            )
             raise KeyError(f"{what}['{name}'] is not a trainable parameter of the model{hint}")
 
     @contextlib.contextmanager
@@ -189,7 +192,9 @@ class FunctionalLM:
         assert self._split is not None
         full = {"model." + k: v for k, v in params.items()}
         with self._kernels():
-            return torch.func.functional_call(self._split, full, (part, x, position_ids), kw, tie_weights=True)
+            return torch.func.functional_call(
+                self._split, full, (part, x, position_ids), kw, tie_weights=True
+            )
 
     def backbone(self, params: Mapping[str, Tensor], ids: Tensor, position_ids: Tensor) -> Tensor:
         """Final hidden states ``[n, L, D]`` (after the last norm) at parameters ``params``."""

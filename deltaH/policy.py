@@ -49,9 +49,13 @@ class SamplingPolicy:
     def __post_init__(self) -> None:
         t, p = float(self.temperature), float(self.top_p)
         if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"SamplingPolicy.temperature must be a finite number > 0, got {self.temperature!r}")
+            raise ValueError(
+                f"SamplingPolicy.temperature must be a finite number > 0, got {self.temperature!r}"
+            )
         if not (0 < p <= 1):
-            raise ValueError(f"SamplingPolicy.top_p must be in (0, 1], got {self.top_p!r} (1 = no truncation)")
+            raise ValueError(
+                f"SamplingPolicy.top_p must be in (0, 1], got {self.top_p!r} (1 = no truncation)"
+            )
         if int(self.topk_prefix) < 1:
             raise ValueError(f"SamplingPolicy.topk_prefix must be >= 1, got {self.topk_prefix!r}")
 

@@ -87,14 +87,14 @@ def chunk_token_stats(
     head_shifted = {n: t for n, t in (shifted or {}).items() if n in lm.head_names}
     step = head_rows(lm, k, head_chunk)
     lq_parts, en_parts = [], []
+    head_base = {n: t for n, t in params.items() if n not in head_shifted}
+
+    def head(sp: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return lm.head({**head_base, **sp}, x)
+
     for s in range(0, h.shape[1], step):
         hc = h[:, s : s + step]
         if head_shifted:
-            head_base = {n: t for n, t in params.items() if n not in head_shifted}
-
-            def head(sp: Mapping[str, Tensor], x: Tensor) -> Tensor:
-                return lm.head({**head_base, **sp}, x)
-
             logits = torch.func.vmap(head)(head_shifted, hc)
         else:
             logits = lm.head(params, hc)

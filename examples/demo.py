@@ -15,8 +15,13 @@ import deltaH as dh
 def main() -> None:
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     cfg._attn_implementation = "eager"
     model = Qwen2ForCausalLM(cfg).eval()
@@ -50,8 +55,10 @@ def main() -> None:
     print(f"{'eta':>8} " + " ".join(f"{'dir' + str(k):>12}" for k in range(4)))
     for i, e in enumerate(etas):
         print(f"{e:8.0e} " + " ".join(f"{float(v):+12.3e}" for v in res.delta_h[i]))
-    print(f"ESS at largest eta: {[round(float(x), 1) for x in res.ess[-1]]}; k̂: "
-          f"{[round(float(x), 2) for x in res.khat[-1]]} (threshold {res.khat_threshold:.2f})")
+    print(
+        f"ESS at largest eta: {[round(float(x), 1) for x in res.ess[-1]]}; k̂: "
+        f"{[round(float(x), 2) for x in res.khat[-1]]} (threshold {res.khat_threshold:.2f})"
+    )
 
 
 if __name__ == "__main__":

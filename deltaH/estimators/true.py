@@ -145,7 +145,9 @@ def _as_etas(eta: float | Sequence[float] | Tensor) -> tuple[list[float], bool]:
     return etas, scalar
 
 
-def validate_dirs(lm: FunctionalLM, params: Mapping[str, Tensor], dirs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def validate_dirs(
+    lm: FunctionalLM, params: Mapping[str, Tensor], dirs: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """Check a stacked direction tree against the parameters and cast it to their dtype/device."""
     if not dirs:
         raise ValueError("dirs is empty: pass a dict of stacked tensors [K, *param_shape]")
@@ -201,7 +203,18 @@ def delta_h_true_multi(
     etas, scalar = _as_etas(eta)
     with torch.no_grad():
         return _delta_h_true_multi(
-            params, dirs, batch, lm, policy, etas, scalar, tf_batch_size, dir_chunk, entropy_mode, head_chunk, base
+            params,
+            dirs,
+            batch,
+            lm,
+            policy,
+            etas,
+            scalar,
+            tf_batch_size,
+            dir_chunk,
+            entropy_mode,
+            head_chunk,
+            base,
         )
 
 
@@ -244,10 +257,15 @@ def _delta_h_true_multi(
     return _assemble(results, etas, scalar, base)
 
 
-def _assemble(results: list[dict[str, Tensor]], etas: list[float], scalar: bool, base: SequenceStats) -> TrueDeltaH:
+def _assemble(
+    results: list[dict[str, Tensor]], etas: list[float], scalar: bool, base: SequenceStats
+) -> TrueDeltaH:
     n_total = int(_dist.all_sum(torch.tensor(float(base.logq.shape[0]), dtype=torch.float64)))
-    per_dir = [f.name for f in fields(TrueDeltaH) if f.name not in ("h_orig", "h_orig_per_token", "eta",
-                                                                      "n_sequences", "khat_threshold")]
+    per_dir = [
+        f.name
+        for f in fields(TrueDeltaH)
+        if f.name not in ("h_orig", "h_orig_per_token", "eta", "n_sequences", "khat_threshold")
+    ]
     if scalar:
         vals = {k: results[0][k] for k in per_dir}
     else:
@@ -274,7 +292,12 @@ def delta_h_true(
 ) -> TrueDeltaH:
     """:func:`delta_h_true_multi` for one direction (a plain tree, no K axis in the result)."""
     res = delta_h_true_multi(
-        params, {n: t.unsqueeze(0) for n, t in direction.items()}, batch, lm=lm, policy=policy, eta=eta,
+        params,
+        {n: t.unsqueeze(0) for n, t in direction.items()},
+        batch,
+        lm=lm,
+        policy=policy,
+        eta=eta,
         **kwargs,  # type: ignore[arg-type]
     )
     squeeze = {

@@ -1,0 +1,361 @@
+"""First-order prediction δH₁ (DESIGN.md §1.4), forward and reverse mode, plus a second-order term.
+
+With per-sequence directional derivatives ``a_n = ∂_v logq_n`` and ``b_n = ∂_v e_n`` (``e`` the
+RB entropy, or the surprisal ``−logq`` in naive mode, where ``b = −a``), the exact derivative of
+the SNIS estimator of :mod:`deltaH.estimators.true` at ``η = 0`` is::
+
+    slope[k]     = mean_n b_n + mean_n a_n · (e_n − H_orig)                  [K]
+    c'[k, n]     = ( b_n + e_n · (a_n − mean_m a_m) ) / N                     [K, N]  (Σ_n c' = slope)
+    δH₁(v, η)    = η · slope
+
+Forward mode runs ``jvp`` of the backbone along each direction (vmapped over K, no backward
+pass) and differentiates the head and the policy math in closed form with the nucleus ``S``
+held fixed (``z = logits/τ``, ``q`` the nucleus softmax)::
+
+    ∂ log q(y) = ż_y − Σ_S q ż            ∂ H = −(Σ_S q z ż − Σ_S q z · Σ_S q ż)
+
+Reverse mode takes one gradient ``X = ∇_θ F`` of ``F = mean_n [e_n + logq_n · sg(e_n − H_orig)]``
+and returns ``X · v_k`` for every direction (cost independent of K); per-sequence terms come
+from batched per-sequence gradients. Jackknife standard errors (leave one sequence out) are
+computed from the per-sequence terms. ``second_order=True`` adds ``½ η² d²ΔH/dη²`` from
+``grad`` of ``jvp`` of the whole pipeline in η, one direction at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deltaH import _dist, _trees
+from deltaH.batch import Compact, SequenceBatch
+from deltaH.estimators.true import ENTROPY_MODES, _as_etas, base_stats, validate_dirs
+from deltaH.functional import FunctionalLM
+from deltaH.policy import SamplingPolicy
+from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows
+
+MODES = ("forward", "reverse")
+
+
+@dataclass(frozen=True)
+class FirstOrder:
+    """Result of :func:`delta_h_first_order`.
+
+    ``slope [K]`` is ``dΔH/dη`` at 0; ``delta_h = η·slope`` (``[K]`` or ``[n_eta, K]``);
+    ``per_sequence`` likewise with a trailing ``N`` (None in reverse mode without
+    ``per_sequence=True``); ``stderr [K]`` is the jackknife standard error of ``delta_h``
+    (None where per-sequence terms were not computed); ``second_order`` is ``½η²·d²ΔH/dη²``.
+    """
+
+    delta_h: Tensor
+    slope: Tensor
+    per_sequence: Tensor | None
+    stderr: Tensor | None
+    second_order: Tensor | None
+    h_orig: Tensor
+    eta: Tensor
+
+
+def _token_derivs(
+    logits: Tensor, ldot: Tensor, targets: Tensor, policy: SamplingPolicy
+) -> tuple[Tensor, Tensor]:
+    """Directional derivatives of ``log q(target)`` and ``H`` per token: ``[K, P]`` each.
+
+    ``logits [P, V]`` at θ, ``ldot [K, P, V]`` their derivatives along K directions.
+    """
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    keep = policy.nucleus_mask(logits)
+    z = logits.to(cd) / policy.temperature
+    zd = ldot.to(cd) / policy.temperature
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
+    q = torch.softmax(z, dim=-1)  # 0 outside S
+    zs = z.masked_fill(q == 0, 0.0) if keep is not None else z
+    mean_zd = (q * zd).sum(-1)  # [K, P]
+    mean_z = (q * zs).sum(-1)  # [P]
+    a = zd.gather(-1, targets.expand(zd.shape[0], -1).unsqueeze(-1)).squeeze(-1) - mean_zd
+    b = -((q * zs * zd).sum(-1) - mean_z * mean_zd)
+    return a, b
+
+
+def _forward_chunk(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    tang: Mapping[str, Tensor],
+    c: Compact,
+    policy: SamplingPolicy,
+    head_chunk: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence ``a, b`` ``[K, n]`` of one chunk by ``vmap(jvp(backbone))`` + closed-form head."""
+    names = list(tang)
+    prim = {n: params[n] for n in names}
+    base = {n: t for n, t in params.items() if n not in tang}
+
+    def backbone(p: Mapping[str, Tensor]) -> Tensor:
+        return lm.backbone({**base, **p}, c.ids, c.position_ids)
+
+    def one(t: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return torch.func.jvp(backbone, (prim,), (dict(t),))  # type: ignore[return-value]
+
+    hidden, hdot = torch.func.vmap(one)(dict(tang))  # [K, n, L, D] each
+    h = hidden[0, c.rows, c.pred_pos]  # [P, D]
+    hd = hdot[:, c.rows, c.pred_pos]  # [K, P, D]
+    head_t = {n: t for n, t in tang.items() if n in lm.head_names}
+    head_base = {n: t for n, t in params.items() if n not in head_t}
+    head_prim = {n: params[n] for n in head_t}
+
+    def head(p: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return lm.head({**head_base, **p}, x)
+
+    k = hd.shape[0]
+    a_parts, b_parts = [], []
+    step = head_rows(lm, k + 1, head_chunk)
+    for s in range(0, h.shape[0], step):
+        hc, hdc = h[s : s + step], hd[:, s : s + step]
+
+        def one_head(t: Mapping[str, Tensor], xd: Tensor, hc: Tensor = hc) -> tuple[Tensor, Tensor]:
+            return torch.func.jvp(head, (head_prim, hc), (dict(t), xd))  # type: ignore[return-value]
+
+        logits, ldot = torch.func.vmap(one_head)(head_t, hdc)
+        a, b = _token_derivs(logits[0], ldot, c.targets[s : s + step], policy)
+        a_parts.append(a)
+        b_parts.append(b)
+    a_tok, b_tok = torch.cat(a_parts, 1), torch.cat(b_parts, 1)
+    zeros = torch.zeros(k, c.n, dtype=torch.float64, device=a_tok.device)
+    return zeros.index_add(1, c.rows, a_tok.double()), zeros.index_add(1, c.rows, b_tok.double())
+
+
+def _reverse(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    chunks: Sequence[Compact],
+    base: SequenceStats,
+    h_orig: Tensor,
+    n_total: Tensor,
+    policy: SamplingPolicy,
+    entropy_mode: str,
+    head_chunk: int | None,
+    per_sequence: bool,
+) -> tuple[dict[str, Tensor], list[dict[str, dict[str, Tensor]]] | None]:
+    """``X = ∇F`` over ``names``, and optionally per-sequence gradients of ``(logq_n, e_n)``."""
+    e_all = base.entropy if entropy_mode == "rb" else base.surprisal
+    grad = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    per_seq: list[dict[str, dict[str, Tensor]]] | None = [] if per_sequence else None
+    start = 0
+    for c in chunks:
+        p = {n: (params[n].detach().clone().requires_grad_(True) if n in grad else params[n]) for n in params}
+        with torch.enable_grad():
+            lq_tok, en_tok = chunk_token_stats(lm, p, None, c, policy, head_chunk)
+            zeros = torch.zeros(c.n, dtype=lq_tok.dtype, device=lq_tok.device)
+            lq = zeros.index_add(0, c.rows, lq_tok[0])
+            e = zeros.index_add(0, c.rows, en_tok[0]) if entropy_mode == "rb" else -lq
+            coef = (e_all[start : start + c.n] - h_orig).to(lq.dtype)
+            f = (e + lq * coef).sum() / n_total.to(lq.dtype)
+            leaves = [p[n] for n in names]
+            gs = torch.autograd.grad(f, leaves, retain_graph=per_sequence)
+            for n, g in zip(names, gs, strict=True):
+                grad[n] += g.double()
+            if per_seq is not None:
+                eye = torch.eye(c.n, dtype=lq.dtype, device=lq.device)
+                g_lq = torch.autograd.grad(
+                    lq, leaves, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+                )
+                g_e = torch.autograd.grad(e, leaves, grad_outputs=eye, is_grads_batched=True)
+                per_seq.append(
+                    {"logq": dict(zip(names, g_lq, strict=True)), "e": dict(zip(names, g_e, strict=True))}
+                )
+        start += c.n
+    return {n: _dist.all_sum(g) for n, g in grad.items()}, per_seq
+
+
+def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``slope [K]``, per-sequence ``c' [K, N]`` and jackknife SE of the slope ``[K]``."""
+    s_a = _dist.all_sum(a.sum(1))
+    s_b = _dist.all_sum(b.sum(1))
+    s_e = _dist.all_sum(e.sum())
+    s_ae = _dist.all_sum((a * e).sum(1))
+    a_bar = s_a / n_total
+    slope = s_b / n_total + s_ae / n_total - a_bar * (s_e / n_total)
+    per_seq = (b + e * (a - a_bar.unsqueeze(1))) / n_total
+    # Leave-one-out slopes from the sums, then the jackknife variance.
+    m = n_total - 1
+    loo = (
+        (s_b.unsqueeze(1) - b) / m
+        + (s_ae.unsqueeze(1) - a * e) / m
+        - ((s_a.unsqueeze(1) - a) / m) * ((s_e - e) / m)
+    )
+    loo_mean = _dist.all_sum(loo.sum(1)) / n_total
+    var = (m / n_total) * _dist.all_sum(((loo - loo_mean.unsqueeze(1)) ** 2).sum(1))
+    return slope, per_seq, var.sqrt()
+
+
+def delta_h_first_order(
+    params: Mapping[str, Tensor],
+    dirs: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    lm: FunctionalLM,
+    policy: SamplingPolicy,
+    eta: float | Sequence[float] | Tensor = 1e-4,
+    mode: str = "forward",
+    tf_batch_size: int = 16,
+    dir_chunk: int = 8,
+    entropy_mode: str = "rb",
+    head_chunk: int | None = None,
+    per_sequence: bool | None = None,
+    second_order: bool = False,
+    base: SequenceStats | None = None,
+) -> FirstOrder:
+    """δH₁ along K stacked directions (see the module docstring for the formulas).
+
+    ``per_sequence`` defaults to True in forward mode (free there) and False in reverse mode
+    (it needs per-sequence gradients).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if entropy_mode not in ENTROPY_MODES:
+        raise ValueError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
+    if int(dir_chunk) < 1:
+        raise ValueError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
+    etas, scalar = _as_etas(eta)
+    lm.check_names(params)
+    dirs = validate_dirs(lm, params, dirs)
+    k_total = _trees.n_stacked(dirs)
+    want_per_seq = (mode == "forward") if per_sequence is None else bool(per_sequence)
+    chunks = chunks_of(batch, tf_batch_size)
+    with torch.no_grad():
+        if base is None:
+            base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
+    e = (base.entropy if entropy_mode == "rb" else base.surprisal).double()
+    n_total = _dist.all_sum(torch.tensor(float(e.shape[0]), dtype=torch.float64, device=e.device))
+    h_orig = _dist.all_sum(e.sum()) / n_total
+
+    per_seq: Tensor | None = None
+    stderr: Tensor | None = None
+    if mode == "forward":
+        a_all, b_all = [], []
+        with torch.no_grad():
+            for s in range(0, k_total, dir_chunk):
+                tang = _trees.index(dirs, slice(s, s + dir_chunk))
+                parts = [_forward_chunk(lm, params, tang, c, policy, head_chunk) for c in chunks]
+                a_all.append(torch.cat([p[0] for p in parts], 1))
+                b_all.append(torch.cat([p[1] for p in parts], 1))
+        a, b = torch.cat(a_all, 0), torch.cat(b_all, 0)
+        if entropy_mode == "naive":
+            b = -a
+        slope, ps, se = _combine(a, b, e, n_total)
+        if want_per_seq:
+            per_seq, stderr = ps, se
+    else:
+        x, seq_grads = _reverse(
+            lm,
+            params,
+            list(dirs),
+            chunks,
+            base,
+            h_orig,
+            n_total,
+            policy,
+            entropy_mode,
+            head_chunk,
+            want_per_seq,
+        )
+        slope = _trees.stacked_dot(dirs, x).to(e.device)
+        if seq_grads is not None:
+            a = torch.cat([_stacked_jdot(dirs, g["logq"]) for g in seq_grads], 1)
+            b = torch.cat([_stacked_jdot(dirs, g["e"]) for g in seq_grads], 1)
+            _, per_seq, stderr = _combine(a, b, e, n_total)
+
+    eta_t = torch.tensor(etas, dtype=torch.float64, device=slope.device)
+    so = None
+    if second_order:
+        curv = _curvature(lm, params, dirs, chunks, policy, e, h_orig, n_total, entropy_mode, head_chunk)
+        so = 0.5 * eta_t.unsqueeze(1) ** 2 * curv.unsqueeze(0)
+    dh = eta_t.unsqueeze(1) * slope.unsqueeze(0)
+    ps_out = None if per_seq is None else eta_t.view(-1, 1, 1) * per_seq.unsqueeze(0)
+    se_out = None if stderr is None else eta_t.abs().unsqueeze(1) * stderr.unsqueeze(0)
+    if scalar:
+        dh = dh[0]
+        ps_out = None if ps_out is None else ps_out[0]
+        se_out = None if se_out is None else se_out[0]
+        so = None if so is None else so[0]
+    return FirstOrder(
+        delta_h=dh,
+        slope=slope,
+        per_sequence=ps_out,
+        stderr=se_out,
+        second_order=so,
+        h_orig=h_orig,
+        eta=eta_t[0] if scalar else eta_t,
+    )
+
+
+def _stacked_jdot(dirs: Mapping[str, Tensor], per_seq: Mapping[str, Tensor]) -> Tensor:
+    """``[K, n]``: ``Σ_names <v_k, g_n>`` for stacked dirs ``[K, ...]``, per-sequence grads ``[n, ...]``."""
+    out = None
+    for name, v in dirs.items():
+        g = per_seq[name]
+        term = v.double().flatten(1) @ g.double().flatten(1).T.to(v.device)
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+def _curvature(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    dirs: Mapping[str, Tensor],
+    chunks: Sequence[Compact],
+    policy: SamplingPolicy,
+    e: Tensor,
+    h_orig: Tensor,
+    n_total: Tensor,
+    entropy_mode: str,
+    head_chunk: int | None,
+) -> Tensor:
+    """``d²ΔH/dη² [K]`` at 0 by nested ``jvp`` in η, one direction at a time (nucleus held fixed).
+
+    With ``a, a2`` the first and second η-derivatives of ``logq_n`` and ``b, b2`` those of
+    ``e_n``: ``f'' = mean_n [((a_n − ā)² + a2_n − ā2 − Var(a)) e_n + 2 (a_n − ā) b_n + b2_n]``.
+    The ``a2, b2`` part is linear, ``Σ_n (e_n − H) a2_n + b2_n``, so it is one reverse-mode
+    derivative (in η) of a forward-mode derivative: ``grad(jvp)`` (nested ``jvp`` fails on ops
+    such as SiLU that have no second forward derivative).
+    """
+    out = []
+    for k in range(_trees.n_stacked(dirs)):
+        v = {n: d[k] for n, d in dirs.items()}
+        a_l, b_l, s2 = [], [], torch.zeros((), dtype=torch.float64, device=e.device)
+        start = 0
+        for c in chunks:
+            coef = (e[start : start + c.n] - h_orig).double()
+            start += c.n
+
+            def stats_at(eta: Tensor, c: Compact = c, v: Mapping[str, Tensor] = v) -> tuple[Tensor, Tensor]:
+                p = {**params, **{n: params[n] + eta * t for n, t in v.items()}}
+                lq_t, en_t = chunk_token_stats(lm, p, None, c, policy, head_chunk)
+                z = torch.zeros(c.n, dtype=torch.float64, device=lq_t.device)
+                lq = z.index_add(0, c.rows, lq_t[0].double())
+                en = z.index_add(0, c.rows, en_t[0].double()) if entropy_mode == "rb" else -lq
+                return lq, en
+
+            def g(
+                eta: Tensor, stats_at=stats_at, coef: Tensor = coef
+            ) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # type: ignore[no-untyped-def]
+                a, b = torch.func.jvp(stats_at, (eta,), (torch.ones_like(eta),))[1]
+                # G(η) = Σ_n (e_n − H) a_n(η) + b_n(η): its η-derivative is Σ (e_n − H) a2_n + b2_n.
+                return (coef * a + b).sum(), (a.detach(), b.detach())
+
+            zero = torch.zeros((), dtype=next(iter(params.values())).dtype, device=e.device)
+            d2, (a, b) = torch.func.grad(g, has_aux=True)(zero)
+            s2 = s2 + d2.double()
+            a_l.append(a)
+            b_l.append(b)
+        a, b = torch.cat(a_l), torch.cat(b_l)
+        a_bar = _dist.all_sum(a.sum()) / n_total
+        var_a = _dist.all_sum(((a - a_bar) ** 2).sum()) / n_total
+        terms = ((a - a_bar) ** 2 - var_a) * e + 2 * (a - a_bar) * b
+        out.append((_dist.all_sum(terms.sum()) + _dist.all_sum(s2)) / n_total)
+    return torch.stack(out)
