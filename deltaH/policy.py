@@ -71,7 +71,12 @@ class SamplingPolicy:
         shape = logits.shape
         with torch.no_grad():
             z = self.scaled32(logits).reshape(-1, shape[-1])
-            keep = _nucleus(z, self.top_p, min(int(self.topk_prefix), shape[-1]))
+            nuc = _nucleus(z, self.top_p, min(int(self.topk_prefix), shape[-1]))
+            keep = torch.zeros_like(z, dtype=torch.bool)
+            for rows, idx, n_keep in nuc.sparse:
+                in_s = torch.arange(idx.shape[1], device=z.device) < n_keep.unsqueeze(-1)
+                keep[rows.unsqueeze(-1), idx] = in_s
+            keep[nuc.dense_rows] = nuc.dense_keep
         return keep.reshape(shape)
 
     # -- per-token statistics --------------------------------------------------------------
@@ -87,24 +92,53 @@ class SamplingPolicy:
 
             log q(y) = z_y − logsumexp_S(z)                       (y ∈ S, else −inf)
             H        = logsumexp_S(z) − Σ_{v∈S} softmax_S(z)_v · z_v
+
+        Rows whose nucleus was decided from a ``topk`` prefix do this math on the prefix only.
         """
         cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        keep = self.nucleus_mask(logits)
-        z = logits.to(cd) / self.temperature
-        y = targets.unsqueeze(-1)
+        shape = targets.shape
+        z = logits.reshape(-1, logits.shape[-1]).to(cd)
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        y = targets.reshape(-1, 1)
         zy = z.gather(-1, y).squeeze(-1)
-        if keep is None:
-            lse = torch.logsumexp(z, dim=-1)
-            prob = torch.exp(z - lse.unsqueeze(-1))
-            ent = lse - (prob * z).sum(-1)
-            return zy - lse, ent
-        zm = z.masked_fill(~keep, float("-inf"))
-        lse = torch.logsumexp(zm, dim=-1)
-        prob = torch.exp(zm - lse.unsqueeze(-1))  # exactly 0 outside S
-        ent = lse - (prob * z.masked_fill(~keep, 0.0)).sum(-1)
-        inside = keep.gather(-1, y).squeeze(-1)
-        logq = torch.where(inside, zy - lse, torch.full_like(lse, float("-inf")))
-        return logq, ent
+        if self.top_p >= 1.0:
+            lp = torch.log_softmax(z, dim=-1)
+            ent = -_rowdot(lp.exp(), lp)
+            return lp.gather(-1, y).reshape(shape), ent.reshape(shape)
+        with torch.no_grad():
+            z32 = z.detach() if cd == torch.float32 and self.temperature == 1.0 else self.scaled32(logits)
+            nuc = _nucleus(z32.reshape(-1, z.shape[-1]), self.top_p, min(int(self.topk_prefix), z.shape[-1]))
+        ninf = torch.full_like(zy, float("-inf"))
+        logq, ent = ninf, torch.zeros_like(zy)
+        for rows, idx, n_keep in nuc.sparse:
+            zs = z[rows].gather(-1, idx)  # [r, k] prefix values (differentiable)
+            in_s = torch.arange(idx.shape[1], device=z.device) < n_keep.unsqueeze(-1)
+            lq, en = _masked_stats(zs, in_s, zy[rows])
+            inside = ((idx == y[rows]) & in_s).any(-1)
+            logq = logq.index_copy(0, rows, torch.where(inside, lq, ninf[rows]))
+            ent = ent.index_copy(0, rows, en)
+        if nuc.dense_rows.numel():
+            rows, keep = nuc.dense_rows, nuc.dense_keep
+            lq, en = _masked_stats(z[rows], keep, zy[rows])
+            inside = keep.gather(-1, y[rows]).squeeze(-1)
+            logq = logq.index_copy(0, rows, torch.where(inside, lq, ninf[rows]))
+            ent = ent.index_copy(0, rows, en)
+        return logq.reshape(shape), ent.reshape(shape)
+
+
+def _masked_stats(z: Tensor, keep: Tensor, zy: Tensor) -> tuple[Tensor, Tensor]:
+    """``(z_y − lse_S, H_S)`` per row for values ``z [r, m]`` and kept mask ``keep [r, m]``."""
+    zm = z.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(zm, dim=-1)
+    prob = torch.exp(zm - lse.unsqueeze(-1))  # exactly 0 outside S
+    ent = lse - _rowdot(prob, z.masked_fill(~keep, 0.0))
+    return zy - lse, ent
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_v a[r, v]·b[r, v]`` as one batched matmul (no ``[r, V]`` product temporary)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
 def hf_top_p_keep(z32: Tensor, top_p: float) -> Tensor:
@@ -116,8 +150,18 @@ def hf_top_p_keep(z32: Tensor, top_p: float) -> Tensor:
     return ~remove.scatter(1, sorted_idx, remove)
 
 
-def _nucleus(z32: Tensor, top_p: float, k0: int) -> Tensor:
-    """Kept-token mask ``[R, V]`` of HF's top-p rule, via ``topk`` prefixes where that is safe.
+@dataclass
+class _Nucleus:
+    """Kept sets of ``R`` rows: ``sparse`` groups ``(rows [r], idx [r, k], n_keep [r])`` keep the
+    first ``n_keep`` of their top-``k`` indices; ``dense_rows`` have a full mask ``dense_keep``."""
+
+    sparse: list[tuple[Tensor, Tensor, Tensor]]
+    dense_rows: Tensor
+    dense_keep: Tensor
+
+
+def _nucleus(z32: Tensor, top_p: float, k0: int) -> _Nucleus:
+    """HF's top-p kept sets of ``z32 [R, V]``, from ``topk`` prefixes where that is safe.
 
     Prefix lengths grow ``k0, 16·k0, 256·k0`` for rows whose nucleus is longer than the prefix;
     rows still undecided (or too close to the threshold, or tied at the boundary) take HF's sort.
@@ -125,34 +169,32 @@ def _nucleus(z32: Tensor, top_p: float, k0: int) -> Tensor:
     v = z32.shape[-1]
     # HF compares the float32 cumsum with the Python float (1 - p), which torch rounds to float32.
     thr = float(torch.tensor(1 - top_p, dtype=torch.float32))
-    prob = torch.softmax(z32, dim=-1)
-    total = prob.sum(-1, dtype=torch.float64)  # ≈ HF's last cumulative value
-    keep = torch.zeros_like(z32, dtype=torch.bool)
+    lse = torch.logsumexp(z32, dim=-1).double()
     todo = torch.arange(z32.shape[0], device=z32.device)
+    sparse = []
     k = k0
     while todo.numel() and k < v:
-        thr_z, decided = _prefix_rule(z32[todo], prob[todo], total[todo], thr, k)
-        rows = todo[decided]
-        keep[rows] = z32[rows] >= thr_z[decided].unsqueeze(-1)
+        top_z, top_idx = torch.topk(z32[todo], k, dim=-1)  # descending
+        n_keep, decided = _prefix_rule(top_z, lse[todo], thr)
+        if bool(decided.any()):
+            sparse.append((todo[decided], top_idx[decided], n_keep[decided]))
         todo = todo[~decided]
-        k = min(16 * k, v) if 16 * k < v // 2 else v
-    if todo.numel():
-        keep[todo] = hf_top_p_keep(z32[todo], top_p)
-    return keep
+        k = 16 * k if 16 * k < v // 2 else v
+    dense = hf_top_p_keep(z32[todo], top_p) if todo.numel() else z32.new_zeros((0, v), dtype=torch.bool)
+    return _Nucleus(sparse=sparse, dense_rows=todo, dense_keep=dense)
 
 
-def _prefix_rule(z: Tensor, prob: Tensor, total: Tensor, thr: float, k: int) -> tuple[Tensor, Tensor]:
-    """Decide each row's nucleus from its top-``k`` prefix: ``(threshold logit [R], decided [R])``.
+def _prefix_rule(top_z: Tensor, lse: Tensor, thr: float) -> tuple[Tensor, Tensor]:
+    """Decide each row's nucleus from its top-``k`` prefix ``top_z [R, k]``: ``(n_keep, decided)``.
 
-    A row is decided when its nucleus ends inside the prefix, no prefix position is within
-    ``_MARGIN`` of the threshold, and the boundary is not a tie; then the kept set is
-    ``{v : z_v >= threshold}``.
+    A row is decided when its nucleus ends inside the prefix, the prefix positions next to the
+    boundary are more than ``_MARGIN`` from the threshold, and the boundary is not a tie; the
+    kept set is then the first ``n_keep`` tokens of the prefix.
     """
-    top_prob, top_idx = torch.topk(prob, k, dim=-1)  # descending
-    top_z = z.gather(-1, top_idx)
-    top_prob = top_prob.double()
-    # Ascending cumulative mass at the j-th largest token = total − mass strictly above it.
-    asc = total.unsqueeze(-1) - (torch.cumsum(top_prob, dim=-1) - top_prob)  # [R, k]
+    k = top_z.shape[-1]
+    top_prob = torch.exp(top_z.double() - lse.unsqueeze(-1))
+    # Ascending cumulative mass at the j-th largest token = 1 − mass strictly above it.
+    asc = 1.0 - (torch.cumsum(top_prob, dim=-1) - top_prob)  # [R, k]
     kept = asc > thr
     kept[:, 0] = True
     n_keep = kept.sum(-1)  # kept is a prefix: asc decreases along j
@@ -161,4 +203,4 @@ def _prefix_rule(z: Tensor, prob: Tensor, total: Tensor, thr: float, k: int) -> 
     decided = ~kept[:, -1]  # the nucleus ends inside the prefix
     decided &= ~((asc - thr).abs() < _MARGIN).any(-1)  # clearly away from the threshold
     decided &= last != nxt  # no tie at the boundary (HF's sort order would decide it)
-    return last, decided
+    return n_keep, decided

@@ -1,0 +1,108 @@
+"""From an update batch U and the optimizer state to ΔH directions (DESIGN.md §1.5–1.7).
+
+One call: loss coefficients (exactly the trainer's normalisation) → per-sequence gradients
+``g_i = coef_i · ∇S_i`` (``vmap(grad)``) → the AdamW step decomposed with ``D`` at its full-batch
+value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` reproduces the real step::
+
+    full      u   = Δθ / lr                       (the real AdamW update)
+    baseline  b̂   = (−lr·λ·θ − lr·β1·m/D) / lr    (momentum + weight decay)
+    grad      Σĉ  = Σ_i c_i / lr                  (this batch's gradient part)
+    components ĉ_i = −(1−β1)·clip·g_i / D          [M, ...]    (one per update sequence)
+
+``b̂ + Σĉ = u`` to float tolerance.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deltaH.batch import SequenceBatch
+from deltaH.functional import FunctionalLM
+from deltaH.updates.adamw import AdamWState, adamw_decompose, unit_lr
+from deltaH.updates.grads import sequence_logprob_grads
+from deltaH.updates.losses import loss_coefficients
+
+DECOMPOSITIONS = ("full", "baseline", "grad", "baseline+grad")
+
+
+@dataclass(frozen=True)
+class UpdateDirections:
+    """Directions per unit learning rate (module docstring); trees keyed by parameter name."""
+
+    full: dict[str, Tensor]
+    baseline: dict[str, Tensor]
+    grad: dict[str, Tensor]
+    components: dict[str, Tensor]
+    coef: Tensor
+    lr: dict[str, float]
+    lr_ref: float
+    clip_coef: float
+    grad_norm: float
+
+    def stacked(self) -> dict[str, Tensor]:
+        """The four decompositions of :data:`DECOMPOSITIONS` stacked ``[4, ...]`` for ΔH calls."""
+        return {
+            n: torch.stack([self.full[n], self.baseline[n], self.grad[n], self.baseline[n] + self.grad[n]])
+            for n in self.full
+        }
+
+
+def update_directions(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    adv: Tensor,
+    state: AdamWState,
+    *,
+    loss_type: str = "dapo",
+    temperature: float = 1.0,
+    grad_accum_steps: int = 1,
+    max_completion_length: int | None = None,
+    max_grad_norm: float | None = None,
+    seq_chunk: int = 8,
+) -> UpdateDirections:
+    """Directions of the AdamW step on ``batch`` (U, ``M`` sequences, advantages ``adv [M]``)."""
+    lm.check_names(params)
+    missing = [n for n in params if n not in state.names]
+    if missing:
+        raise ValueError(
+            f"optimizer state has no entry for trainable parameter '{missing[0]}' ({len(missing)} missing): "
+            "the state does not belong to this model (or its trainable set differs)"
+        )
+    if adv.shape != (len(batch),):
+        raise ValueError(
+            f"advantages must have shape [{len(batch)}] (one per update sequence), got {tuple(adv.shape)}"
+        )
+    coef = loss_coefficients(
+        batch.n_tokens,
+        adv,
+        loss_type=loss_type,
+        grad_accum_steps=grad_accum_steps,
+        max_completion_length=max_completion_length,
+    )
+    names = list(params)
+    g_seq, _ = sequence_logprob_grads(
+        lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk
+    )
+    per_seq = {n: g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
+    dec = adamw_decompose(params, per_seq, state, max_grad_norm=max_grad_norm)
+    comps = unit_lr(dec.components, state)
+    grad_sum = {n: c.sum(0) for n, c in comps.items()}
+    lrs = {n: float(state.hyper[n].lr) for n in dec.full}
+    lr_ref = Counter(lrs.values()).most_common(1)[0][0]
+    return UpdateDirections(
+        full=unit_lr(dec.full, state),
+        baseline=unit_lr(dec.baseline, state),
+        grad=grad_sum,
+        components=comps,
+        coef=coef,
+        lr=lrs,
+        lr_ref=lr_ref,
+        clip_coef=float(dec.clip_coef),
+        grad_norm=float(dec.grad_norm),
+    )

@@ -1,0 +1,89 @@
+"""Per-sequence gradients with ``torch.func`` (``vmap(grad)`` over sequences, chunked).
+
+For sequence ``i`` with response positions ``R_i`` and ``z = logits/τ``::
+
+    S_i = Σ_{t∈R_i} log softmax(z_t)[y_t]            (temperature, no top-p: the trainer's log π)
+    G_i = ∇_θ S_i                                      dict of [N, *shape]
+
+Sequences are compacted (right padding, shared position ids ``0..L-1``), so ids are the only
+batched input under ``vmap``; position ids stay unbatched (HF's packed-sequence detection is
+data-dependent), and no attention mask is needed (causal attention never reaches padding).
+Inside one sequence the logits ``[L, V]`` exist at once; ``seq_chunk`` bounds how many sequences
+are vmapped together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from deltaH.batch import SequenceBatch, compact
+from deltaH.functional import FunctionalLM
+
+
+def logprob_sums(
+    lm: FunctionalLM, params: Mapping[str, Tensor], batch: SequenceBatch, *, temperature: float = 1.0
+) -> Tensor:
+    """``S [N]``: summed response log-probs under ``softmax(z/τ)`` (differentiable, float64)."""
+    c = compact(batch)
+    h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
+    logits = lm.head(params, h)
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lp = (
+        torch.log_softmax(logits.to(cd) / temperature, dim=-1).gather(-1, c.targets.unsqueeze(-1)).squeeze(-1)
+    )
+    return torch.zeros(c.n, dtype=torch.float64, device=lp.device).index_add(0, c.rows, lp.double())
+
+
+def sequence_logprob_grads(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    names: Sequence[str] | None = None,
+    seq_chunk: int = 8,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sequence gradients ``G_i = ∇ S_i`` (dict of ``[N, *shape]``) and ``S [N]`` (float64).
+
+    ``names`` restricts the gradient to those parameters (default: all of ``params``).
+    """
+    if int(seq_chunk) < 1:
+        raise ValueError(f"seq_chunk must be >= 1, got {seq_chunk!r}")
+    names = list(params) if names is None else list(names)
+    lm.check_names({n: params[n] for n in names})
+    rest = {n: t for n, t in params.items() if n not in names}
+    grads: dict[str, list[Tensor]] = {n: [] for n in names}
+    sums: list[Tensor] = []
+    for s in range(0, len(batch), seq_chunk):
+        c = compact(batch.select(slice(s, s + seq_chunk)))
+        length = c.ids.shape[1]
+        mask = torch.zeros(c.n, length, dtype=torch.bool, device=c.ids.device)
+        mask[c.rows, c.pred_pos] = True
+        tgt = torch.zeros(c.n, length, dtype=torch.long, device=c.ids.device)
+        tgt[c.rows, c.pred_pos] = c.targets
+        pos = c.position_ids[0]
+
+        def s_i(
+            p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, pos: Tensor = pos
+        ) -> tuple[Tensor, Tensor]:
+            full = {**rest, **p}
+            h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
+            logits = lm.head(full, h)
+            cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            lp = (
+                torch.log_softmax(logits.to(cd) / temperature, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            )
+            val = torch.where(m, lp, torch.zeros_like(lp)).sum()
+            return val, val.detach()
+
+        sub = {n: params[n] for n in names}
+        g, val = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=(None, 0, 0, 0))(
+            sub, c.ids, mask, tgt
+        )
+        for n in names:
+            grads[n].append(g[n])
+        sums.append(val.double())
+    return {n: torch.cat(v) for n, v in grads.items()}, torch.cat(sums)
