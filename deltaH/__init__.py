@@ -12,6 +12,7 @@ from deltaH.estimators.true import delta_h_true as delta_h_true
 from deltaH.estimators.true import delta_h_true_multi as delta_h_true_multi
 from deltaH.functional import FunctionalLM as FunctionalLM
 from deltaH.policy import SamplingPolicy as SamplingPolicy
+from deltaH.sampling.sampler import sample as sample
 from deltaH.stats import SequenceStats as SequenceStats
 from deltaH.stats import sequence_stats as sequence_stats
 from deltaH.updates.adamw import AdamWDecomposition as AdamWDecomposition

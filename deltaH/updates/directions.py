@@ -8,6 +8,7 @@ value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` re
     baseline  b̂   = (−lr·λ·θ − lr·β1·m/D) / lr    (momentum + weight decay)
     grad      Σĉ  = Σ_i c_i / lr                  (this batch's gradient part)
     components ĉ_i = −(1−β1)·clip·g_i / D          [M, ...]    (one per update sequence)
+    precond   P   = (1−β1) / D                     (the AdamW preconditioner of §1.7)
 
 ``b̂ + Σĉ = u`` to float tolerance.
 """
@@ -39,6 +40,7 @@ class UpdateDirections:
     grad: dict[str, Tensor]
     components: dict[str, Tensor]
     coef: Tensor
+    precond: dict[str, Tensor]
     lr: dict[str, float]
     lr_ref: float
     clip_coef: float
@@ -101,6 +103,7 @@ def update_directions(
         grad=grad_sum,
         components=comps,
         coef=coef,
+        precond={n: (1 - state.hyper[n].betas[0]) / d for n, d in dec.denom.items()},
         lr=lrs,
         lr_ref=lr_ref,
         clip_coef=float(dec.clip_coef),

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from deltaH.batch import SequenceBatch, compact
 from deltaH.functional import FunctionalLM
+from deltaH.policy import SamplingPolicy
 
 
 def logprob_sums(
@@ -45,11 +46,17 @@ def sequence_logprob_grads(
     temperature: float = 1.0,
     names: Sequence[str] | None = None,
     seq_chunk: int = 8,
+    policy: SamplingPolicy | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sequence gradients ``G_i = ∇ S_i`` (dict of ``[N, *shape]``) and ``S [N]`` (float64).
 
-    ``names`` restricts the gradient to those parameters (default: all of ``params``).
+    ``names`` restricts the gradient to those parameters (default: all of ``params``). With a
+    ``policy`` (its temperature replaces ``temperature``), ``S_i`` is the sampling policy's
+    ``logq_i`` instead: the log-softmax runs over the top-p nucleus, decided at ``params`` (a
+    ``[n, L, V]`` mask per chunk, computed outside ``vmap``) and held fixed.
     """
+    if policy is not None:
+        temperature = policy.temperature
     if int(seq_chunk) < 1:
         raise ValueError(f"seq_chunk must be >= 1, got {seq_chunk!r}")
     names = list(params) if names is None else list(names)

@@ -1,0 +1,108 @@
+"""Influence matrices and the covariance proxy (DESIGN.md §1.7, §1.9).
+
+Influence matrix at a reference step ``η`` along the per-sequence AdamW components ``ĉ_i``::
+
+    M[n, i] = c_n(ĉ_i, η)          [N_E, N_U]     (true: SNIS per-sequence contribution)
+    M₁[n, i] = η · c'_n(ĉ_i)       [N_E, N_U]     (first order)
+    Σ_n M[n, i] = ΔH along ĉ_i
+
+Covariance proxy (Cui et al. 2025) on the update batch U, over all response tokens ``t``::
+
+    Cov = mean_t [(log π(y_t) − mean log π)(A_t − mean A)]     (A_t: its sequence's advantage)
+    ΔH_token ≈ −η · Cov            (per-token entropy change; × mean response length per sequence)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltaH.batch import SequenceBatch, compact
+from deltaH.estimators.first_order import delta_h_first_order
+from deltaH.estimators.true import delta_h_true_multi
+from deltaH.functional import FunctionalLM
+from deltaH.policy import SamplingPolicy
+
+KINDS = ("true", "first_order")
+
+
+@dataclass(frozen=True)
+class Influence:
+    """``matrix [N_E, N_U]`` and ``column_delta_h [N_U]`` (ΔH or δH₁ along each component)."""
+
+    matrix: Tensor
+    column_delta_h: Tensor
+    eta: float
+    kind: str
+
+
+def influence_matrix(
+    params: Mapping[str, Tensor],
+    components: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    lm: FunctionalLM,
+    policy: SamplingPolicy,
+    eta: float,
+    kind: str = "true",
+    **kwargs: Any,
+) -> Influence:
+    """Per-(evaluation × update sequence) contributions along the components ``ĉ_i [N_U, ...]``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "true":
+        res = delta_h_true_multi(params, components, batch, lm=lm, policy=policy, eta=float(eta), **kwargs)
+        return Influence(res.per_sequence.T.contiguous(), res.delta_h, float(eta), kind)
+    fo = delta_h_first_order(
+        params, components, batch, lm=lm, policy=policy, eta=float(eta), per_sequence=True, **kwargs
+    )
+    assert fo.per_sequence is not None
+    return Influence(fo.per_sequence.T.contiguous(), fo.delta_h, float(eta), kind)
+
+
+@dataclass(frozen=True)
+class CovarianceProxy:
+    """Cui et al.'s covariance rule on U: ``cov`` and the predicted entropy change at ``eta``."""
+
+    cov: float
+    delta_h_per_token: float
+    delta_h_per_sequence: float
+    mean_response_tokens: float
+    eta: float
+
+
+def covariance_proxy(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    adv: Tensor,
+    *,
+    temperature: float = 1.0,
+    eta: float,
+) -> CovarianceProxy:
+    """The covariance proxy (module docstring) on the update batch with advantages ``adv [N_U]``."""
+    if adv.shape != (len(batch),):
+        raise ValueError(f"advantages must have shape [{len(batch)}], got {tuple(adv.shape)}")
+    with torch.no_grad():
+        c = compact(batch)
+        h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
+        logits = lm.head(params, h)
+        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lp = (
+            torch.log_softmax(logits.to(cd) / temperature, -1).gather(-1, c.targets.unsqueeze(-1)).squeeze(-1)
+        )
+    lp = lp.double()
+    a = adv.double().to(lp.device)[c.rows]
+    cov = float(((lp - lp.mean()) * (a - a.mean())).mean())
+    mean_len = float(batch.n_tokens.double().mean())
+    return CovarianceProxy(
+        cov=cov,
+        delta_h_per_token=-float(eta) * cov,
+        delta_h_per_sequence=-float(eta) * cov * mean_len,
+        mean_response_tokens=mean_len,
+        eta=float(eta),
+    )
