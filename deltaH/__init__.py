@@ -11,6 +11,8 @@ from deltaH.estimators.true import TrueDeltaH as TrueDeltaH
 from deltaH.estimators.true import delta_h_true as delta_h_true
 from deltaH.estimators.true import delta_h_true_multi as delta_h_true_multi
 from deltaH.functional import FunctionalLM as FunctionalLM
+from deltaH.io.checkpoint import Checkpoint as Checkpoint
+from deltaH.io.checkpoint import load_checkpoint as load_checkpoint
 from deltaH.policy import SamplingPolicy as SamplingPolicy
 from deltaH.sampling.sampler import sample as sample
 from deltaH.stats import SequenceStats as SequenceStats
