@@ -1,0 +1,259 @@
+"""Results presentation: plots (valid PNGs, no matplotlib warnings), report.md and the inspect table."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from deltaH.io import plots as P  # noqa: E402
+from deltaH.io import report as R  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DECS = ("full", "baseline", "grad", "baseline+grad")
+N_E, N_U, G_U = 32, 24, 6
+ETA = np.logspace(-7, -1, 13)
+ETA_REF = float(ETA[7])  # 1e-3.5 ≈ 3.16e-4, on the grid
+
+
+def _nan_to_none(a: np.ndarray) -> list[Any]:
+    return [None if not np.isfinite(v) else float(v) for v in a]
+
+
+def synthetic(tmp_path: Path | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A summary following docs/results-schema.md: ΔH < 0 for full/grad, > 0 for the baseline.
+
+    ΔH = slope·η + curv·η² + float noise near 1e-8, so the full ΔH changes sign at large η and the
+    smallest η sit at the precision floor; ESS falls and k̂ rises with η; the kernel was not run.
+    """
+    rng = np.random.default_rng(0)
+    slopes = {"full": -12.0, "baseline": 2.0, "grad": -14.0}
+    curv = {"full": 400.0, "baseline": -10.0, "grad": 380.0}
+    decs: dict[str, Any] = {}
+    cols = {}
+    for d in ("full", "baseline", "grad"):
+        # float32 rounding noise of ~1e-6 nats: the two smallest η sit at the precision floor
+        dh = slopes[d] * ETA + curv[d] * ETA**2 + 1e-6 * rng.standard_normal(ETA.size)
+        cols[d] = dh
+    cols["baseline+grad"] = cols["full"] + 1e-9 * rng.standard_normal(ETA.size)
+    slopes["baseline+grad"] = slopes["full"]
+    for d in DECS:
+        dh = cols[d]
+        size = abs(slopes[d]) * ETA  # ESS falls and k̂ rises with the size of the step
+        ess = N_E / (1 + (size / 0.04) ** 2)
+        khat = np.clip(0.05 + 0.8 * np.log10(1 + size / 0.025), None, 1.4)
+        khat[0] = np.nan  # equal weights: k̂ undefined (null in JSON)
+        decs[d] = {
+            "delta_h": _nan_to_none(dh), "delta_h_per_token": _nan_to_none(dh / 5.1),
+            "ess": _nan_to_none(ess), "khat": _nan_to_none(khat),
+            "logw_max": _nan_to_none(30 * ETA), "logw_min": _nan_to_none(-30 * ETA),
+            "retained_mass": [1.0] * ETA.size,
+            "first_order": {"slope": slopes[d], "stderr_slope": 0.25 * abs(slopes[d]),
+                            "delta_h": _nan_to_none(slopes[d] * ETA)},
+            "second_order": None,
+            "fit": {"slope_origin": slopes[d] * 1.01, "r2_origin": 0.998, "slope": slopes[d],
+                    "intercept": 1e-9, "r2": 0.999, "loglog_slope": 1.02},
+        }
+    trusted = [bool(1e-6 <= e <= 1e-2) for e in ETA]
+    col_target = rng.normal(-1.2e-4, 1.5e-4, N_U)
+    col_target[3] = -1.6e-3  # one update sequence dominates
+    m_true = col_target / N_E + 2e-5 * rng.standard_normal((N_E, N_U))
+    m_true[5:9, 3] -= 1e-4  # ...mostly through a few evaluation sequences
+    m_fo = m_true * 0.97 + 1e-6 * rng.standard_normal((N_E, N_U))
+    col = m_true.sum(0)
+    rewards = (rng.random(N_U) > 0.5).astype(float)
+    adv = rewards - rewards.reshape(-1, G_U).mean(1).repeat(G_U)
+    order = np.argsort(-np.abs(col))[:5]
+    share = 1 / N_E + 0.02 * rng.standard_normal(N_E)
+    psf = np.outer(cols["full"], share / share.sum())
+    row_tot = psf[7]
+    e_order = np.argsort(-np.abs(row_tot))[:5]
+    summary: dict[str, Any] = {
+        "deltah_version": "0.1.0", "created": "2025-01-01T00:00:00", "git_revision": None,
+        "versions": {"python": "3.11", "torch": "2.13.0", "transformers": "5.0", "peft": "0.21"},
+        "status": "complete",
+        "config": {"policy": {"temperature": 0.8, "top_p": 0.95}, "max_new_tokens": 16},
+        "seeds": {"seed": 0, "eval": 1, "update": 2, "kernel": 3},
+        "timings": {"load": 1.2, "total": 12.1},
+        "checkpoint": {"path": "runs/toy/checkpoint-4", "kind": "trainer", "global_step": 4, "lr": ETA_REF,
+                       "n_trainable": 12345, "dtype": "float32"},
+        "batches": {
+            "eval": {"n": N_E, "n_prompts": 8, "group_size": 4, "mean_tokens": 5.1},
+            "update": {"n": N_U, "n_prompts": N_U // G_U, "group_size": G_U, "mean_tokens": 5.0,
+                       "mean_reward": float(rewards.mean()), "resampled_groups": 1},
+        },
+        "update": {"loss_type": "dapo", "lr_ref": ETA_REF, "clip_coef": 0.8, "grad_norm": 1.25},
+        "h_orig": 3.21, "h_orig_per_token": 0.6294, "entropy_mode": "rb",
+        "eta": ETA.tolist(), "eta_reference": ETA_REF,
+        "decompositions": decs,
+        "trust": {"eta_min": 1e-6, "eta_max": 1e-2, "precision_floor": 1e-6, "khat_threshold": 0.6,
+                  "trusted": trusted, "notes": ["below 1e-6 ΔH stops shrinking with η (float32 precision)"]},
+        "influence": {
+            "eta": ETA_REF, "kind": ["true", "first_order"], "column_delta_h": col.tolist(),
+            "top_update": [{"row": int(i), "delta_h": float(col[i]), "reward": float(rewards[i]),
+                            "advantage": float(adv[i]), "prompt": f"What is {i} + {i}?",
+                            "response": f"The answer | is {2 * i}\nDone."} for i in order],
+            "top_eval": [{"row": int(n), "delta_h": float(row_tot[n])} for n in e_order],
+        },
+        "kernel": None,
+        "proxy": {"cov": 0.8, "delta_h_per_token": -0.8 * ETA_REF, "mean_response_tokens": 5.0,
+                  "delta_h_per_sequence": -0.8 * ETA_REF * 5.0, "eta": ETA_REF},
+        "warnings": ["k̂ > 0.6 for η ≥ 0.0316 (full)", "1 update group had equal rewards and was resampled",
+                     "precision floor reached below η = 1e-6"],
+    }
+    arrays = {
+        "eta": ETA, "delta_h": np.stack([cols[d] for d in DECS], 1),
+        "delta_h1": np.stack([slopes[d] * ETA for d in DECS], 1),
+        "ess": np.stack([decs[d]["ess"] for d in DECS], 1),
+        "khat": np.array([decs[d]["khat"] for d in DECS], dtype=float).T, "per_sequence_full": psf,
+        "influence_true": m_true, "influence_first_order": m_fo,
+        "eval_logq": -rng.gamma(3.0, 2.0, N_E), "eval_entropy": rng.gamma(3.0, 1.0, N_E),
+        "update_rewards": rewards, "update_advantages": adv,
+    }
+    return summary, arrays
+
+
+def _f(x: float) -> str:
+    """3 significant digits as the report writes them (``-0.00375``, ``-7.36e-4``), written out here."""
+    if 1e-3 <= abs(x) < 1e3:
+        return f"{x:.3g}"
+    mant, exp = f"{x:.2e}".split("e")
+    return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def _check_png(p: Path) -> None:
+    data = p.read_bytes()
+    assert data[:8] == PNG_MAGIC, p
+    assert len(data) > 10_000, (p, len(data))
+
+
+def test_fmt() -> None:
+    assert R.fmt(-0.012345) == "-0.0123"
+    assert R.fmt(5e-4) == "5e-4"
+    assert R.fmt(1.2345e-5) == "1.23e-5"
+    assert R.fmt(3.21) == "3.21"
+    assert R.fmt(1234.5) == "1234"
+    assert R.fmt(None) == "n/a"
+    assert R.fmt(float("nan")) == "NaN"
+    assert R.fmt(0.0) == "0"
+    assert R.fmt(7) == "7"
+
+
+def test_plots_and_report(tmp_path: Path) -> None:
+    summary, arrays = synthetic()
+    # the summary goes through JSON as the runner writes it (NaN → null)
+    summary = json.loads(json.dumps(summary, indent=2, sort_keys=True))
+    plots = P.make_plots(summary, arrays, tmp_path / "plots")
+    names = sorted(p.name for p in plots)
+    assert names == ["contributors.png", "delta_h_vs_eta.png", "ess_khat.png", "influence.png"]
+    for p in plots:
+        assert p.parent == tmp_path / "plots"
+        _check_png(p)
+
+    path = R.write_report(summary, tmp_path, plots)
+    assert path == tmp_path / "report.md"
+    text = path.read_text(encoding="utf-8")
+
+    # headline numbers, formatted independently here
+    full = summary["decompositions"]["full"]
+    dh, dh_tok = full["delta_h"][7], full["delta_h_per_token"][7]
+    d1, se = -12.0 * ETA_REF, 3.0 * ETA_REF
+    head = text.split("## Setup")[0]
+    assert "η = 3.16e-4" in head
+    assert abs(dh) > 1e-3 and abs(dh_tok) < 1e-3  # both styles appear
+    assert f"ΔH = {_f(dh)} nats per sequence ({_f(dh_tok)} per token)" in head
+    assert f"δH₁ = {_f(d1)} ± {_f(se)}" in head
+    assert dh < 0 and summary["decompositions"]["baseline"]["delta_h"][7] > 0
+
+    # decomposition table: one row per decomposition, with the values at η_ref
+    for d in DECS:
+        dd = summary["decompositions"][d]
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| {d} |"))
+        assert f"| {_f(dd['delta_h'][7])} |" in row
+        assert f"| {_f(dd['khat'][7])} |" in row
+        assert "1.02" in row and "0.998" in row
+    assert "| decomposition |" in text
+
+    # trust, warnings, influence with text snippets, proxy, kernel
+    assert "1e-6 to 0.01" in text and "**inside** the trusted range" in text
+    for w in summary["warnings"]:
+        assert w in text
+    assert "Untrusted grid points: 1e-7" in text
+    top = summary["influence"]["top_update"][0]
+    assert f"What is {top['row']} + {top['row']}?" in text
+    assert "The answer \\| is" in text  # pipes escaped inside a table cell
+    assert "## Proxy comparison" in text and "covariance proxy" in text and "agrees" in text
+    kernel = text.split("## Kernel summary")[1].split("##")[0]
+    assert "not run" in kernel
+
+    # every image link resolves to an existing PNG
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == 4
+    for rel in links:
+        assert not Path(rel).is_absolute() and rel.startswith("plots/")
+        _check_png(tmp_path / rel)
+    assert "## How to read this" in text and "retained mass" in text
+
+
+def test_format_summary_table() -> None:
+    summary, _ = synthetic()
+    table = R.format_summary_table(summary)
+    for d in DECS:
+        assert re.search(rf"^{re.escape(d)}\s", table, re.M), d
+    assert "status: complete" in table
+    assert "kernel: not run" in table
+    assert _f(summary["decompositions"]["full"]["delta_h"][7]) in table
+    assert "warnings (3):" in table and summary["warnings"][1] in table
+
+
+def test_all_optional_analyses_null(tmp_path: Path) -> None:
+    summary, _ = synthetic()
+    for k in ("decompositions", "trust", "influence", "kernel", "proxy", "checkpoint", "update"):
+        summary[k] = None
+    summary.update(eta=None, eta_reference=None, warnings=[], status="incomplete")
+    plots = P.make_plots(summary, {}, tmp_path / "plots")
+    assert plots == []
+    text = R.write_report(summary, tmp_path, plots).read_text(encoding="utf-8")
+    assert "Status: incomplete" in text
+    assert text.count("not run") >= 5
+    assert "![" not in text
+    table = R.format_summary_table(summary)
+    assert table.count("not run") >= 4
+
+
+def test_partial_arrays_and_sign_change(tmp_path: Path) -> None:
+    """Influence arrays only (no sweep), and a sweep where every ΔH is negative or zero."""
+    summary, arrays = synthetic()
+    only_inf = {k: arrays[k] for k in ("influence_true",)}
+    s2 = dict(summary, decompositions=None, eta=None)
+    assert sorted(p.name for p in P.make_plots(s2, only_inf, tmp_path / "a")) == ["contributors.png",
+                                                                                   "influence.png"]
+    s3 = json.loads(json.dumps(summary))
+    for d in DECS:
+        dd = s3["decompositions"][d]
+        dd["delta_h"] = [-abs(v) if v else 0.0 for v in dd["delta_h"]]
+        dd["fit"]["slope_origin"] = None
+    s3["trust"]["trusted"] = None  # fall back to eta_min / eta_max
+    _check_png(P.plot_delta_h_vs_eta(s3, {}, tmp_path / "b.png"))  # type: ignore[arg-type]
+
+
+def test_trajectory_plot(tmp_path: Path) -> None:
+    rows = [{"global_step": s, "h_orig": 3.2 - 0.1 * s, "delta_h_ref": -0.01 * (s + 1),
+             "delta_h1_ref": -0.009 * (s + 1) if s != 2 else None} for s in (4, 0, 2, 6)]
+    p = P.make_trajectory_plot(rows, tmp_path / "plots" / "trajectory.png")
+    _check_png(p)
+    text = R.write_report(synthetic()[0], tmp_path, [p]).read_text(encoding="utf-8")
+    assert "](plots/trajectory.png)" in text
+
+
+def test_missing_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        P.make_plots(synthetic()[0], {}, tmp_path)
