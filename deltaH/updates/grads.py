@@ -60,6 +60,11 @@ def sequence_logprob_grads(
     if int(seq_chunk) < 1:
         raise ValueError(f"seq_chunk must be >= 1, got {seq_chunk!r}")
     names = list(params) if names is None else list(names)
+    for n in names:
+        if n not in params:
+            if n in lm.params:
+                raise KeyError(f"names: '{n}' is a trainable parameter but is missing from params")
+            lm.check_names({n: torch.empty(0)}, what="names")  # raises with an explanation
     lm.check_names({n: params[n] for n in names})
     rest = {n: t for n, t in params.items() if n not in names}
     grads: dict[str, list[Tensor]] = {n: [] for n in names}
