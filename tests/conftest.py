@@ -108,3 +108,95 @@ def llama_tied() -> torch.nn.Module:
 @pytest.fixture
 def qwen2_lora() -> torch.nn.Module:
     return with_lora(tiny_qwen2())
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain references shared by the core correctness tests (test_policy/stats/true/distributed).
+# They never call deltaH: transformers' own warpers decide the nucleus, float64 does the math.
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_keep(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Kept-token mask of transformers' TemperatureLogitsWarper + TopPLogitsWarper on float32 scores."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    z = logits.detach().float().reshape(-1, logits.shape[-1])
+    z = TemperatureLogitsWarper(temperature)(None, z)
+    if top_p < 1.0:
+        z = TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)(None, z)
+    return torch.isfinite(z).reshape(logits.shape)
+
+
+def ref_token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``log q(target)`` and entropy over HF's kept set: a plain masked softmax."""
+    keep = hf_keep(logits, temperature, top_p)
+    z = logits.detach().double() / temperature
+    logp = torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+    ent = -torch.where(keep, logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), ent
+
+
+def ref_sequence_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       response_mask: torch.Tensor, temperature: float,
+                       top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loop: ``model(row).logits`` on each unpadded row; float64 per-sequence (logq, entropy)."""
+    n = input_ids.shape[0]
+    logq = torch.zeros(n, dtype=torch.float64)
+    ent = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        am = attention_mask[i].bool()
+        ids = input_ids[i][am]
+        pos = response_mask[i].bool()[am].nonzero().flatten()
+        with torch.no_grad():
+            logits = model(input_ids=ids.unsqueeze(0)).logits[0]
+        lq, en = ref_token_stats(logits[pos - 1], ids[pos], temperature, top_p)
+        logq[i], ent[i] = lq.sum(), en.sum()
+    return logq, ent
+
+
+def sample_responses(model: torch.nn.Module, prompts: list[list[int]], temperature: float, top_p: float,
+                     max_new_tokens: int, eos: int,
+                     generator: torch.Generator) -> list[tuple[list[int], list[int]]]:
+    """One response per prompt drawn from q (HF warpers on float32 scores), one row at a time."""
+    out = []
+    for prompt in prompts:
+        ids, resp = list(prompt), []
+        for _ in range(max_new_tokens):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            z = logits.float() / temperature
+            z = z.masked_fill(~hf_keep(logits, temperature, top_p), float("-inf"))
+            y = int(torch.multinomial(torch.softmax(z.double(), -1), 1, generator=generator))
+            ids.append(y)
+            resp.append(y)
+            if y == eos:
+                break
+        out.append((list(prompt), resp))
+    return out
+
+
+def build_batch(rows: list[tuple[list[int], list[int]]], side: str = "right", pad: int = 0,
+                extra: int = 2, generator: torch.Generator | None = None):
+    """A SequenceBatch of (prompt, response) rows, padded on the ``side`` given.
+
+    ``side``: "right", "left", or "mixed" (a random offset per row: padding on both sides).
+    """
+    from deltaH import SequenceBatch
+
+    t = max(len(p) + len(r) for p, r in rows) + extra
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    am = torch.zeros(len(rows), t, dtype=torch.bool)
+    rm = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        if side == "right":
+            s = 0
+        elif side == "left":
+            s = t - n
+        else:
+            s = int(torch.randint(0, t - n + 1, (1,), generator=generator))
+        ids[i, s : s + n] = torch.tensor(p + r)
+        am[i, s : s + n] = True
+        rm[i, s + len(p) : s + n] = True
+    return SequenceBatch(ids, am, rm)

@@ -23,7 +23,6 @@ gives ΔH = 0 and ESS = N exactly.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from deltaH import _dist, _trees
+from deltaH._warn import warn
 from deltaH.batch import SequenceBatch
 from deltaH.estimators._psis import khat_threshold, psis_khat, tail_size
 from deltaH.functional import FunctionalLM
@@ -117,11 +117,9 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
         out["per_sequence"] = torch.where(dead.unsqueeze(1), nan, per_seq)
         out["ess"] = torch.where(dead, torch.zeros_like(out["ess"]), out["ess"])
         out["retained_mass"] = torch.where(dead, torch.zeros_like(lmax), out["retained_mass"])
-        warnings.warn(
+        warn(
             f"{int(dead.sum())} direction(s) put zero weight on every evaluation sequence (every sequence "
-            "left the top-p nucleus): ΔH is NaN there; use a smaller eta",
-            RuntimeWarning,
-            stacklevel=3,
+            "left the top-p nucleus): ΔH is NaN there; use a smaller eta"
         )
     n_int = int(n_total)
     m = tail_size(n_int) + 1
@@ -260,7 +258,9 @@ def _delta_h_true_multi(
 def _assemble(
     results: list[dict[str, Tensor]], etas: list[float], scalar: bool, base: SequenceStats
 ) -> TrueDeltaH:
-    n_total = int(_dist.all_sum(torch.tensor(float(base.logq.shape[0]), dtype=torch.float64)))
+    n_total = int(
+        _dist.all_sum(torch.tensor(float(base.logq.shape[0]), dtype=torch.float64, device=base.logq.device))
+    )
     per_dir = [
         f.name
         for f in fields(TrueDeltaH)

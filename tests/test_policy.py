@@ -1,0 +1,380 @@
+"""SamplingPolicy: the nucleus equals transformers' warpers; token_stats equals a float64 masked softmax.
+
+References (``tests/conftest.py``): ``hf_keep`` runs transformers' ``TemperatureLogitsWarper`` and
+``TopPLogitsWarper`` on float32 scores (what ``generate`` does); ``ref_token_stats`` is a plain
+float64 masked log-softmax over that kept set. The nucleus must match *exactly* (booleans);
+values match to float64 round-off for float64 logits and to float32 round-off otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import hf_keep, ref_token_stats
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deltaH.policy import SamplingPolicy
+
+PS = (0.05, 0.3, 0.5, 0.9, 0.95, 0.999)
+TAUS = (0.25, 0.7, 1.0, 2.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: with other processes on the cores, OpenMP hand-offs cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_rows_close(got: torch.Tensor, want: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> None:
+    """``|got − want| ≤ ε·(8·a² + V·a)`` per row, ``a = 1 + log V + max|z|``, ε the compute dtype's
+    epsilon (float32 for float32/bf16/fp16 logits, float64 for float64), ``z = logits / τ``.
+
+    A loose, implementation-agnostic bound: ``H = lse_S(z) − Σ q·z`` errs by ~ε·a² when ``lse``
+    carries a relative error ε·a that scales every ``q``; a sequential (non-pairwise) sum over V
+    terms adds up to V·ε·a. With float64 logits this is still ~1e-12, so a wrong kept set or a
+    wrong formula cannot hide; float32 precision itself is pinned down by
+    ``test_float32_entropy_precision_at_llm_shapes``.
+    """
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    a = 1 + math.log(z.shape[-1]) + z.double().abs().amax(-1)
+    tol = eps * (8 * a**2 + z.shape[-1] * a)
+    err = (got.double() - want.double()).abs()
+    bad = (err > tol).nonzero().flatten().tolist()
+    assert not bad, f"rows {bad[:5]}: errors {err[bad[:5]].tolist()} > tolerances {tol[bad[:5]].tolist()}"
+
+
+def _rows(v: int, r: int, g: torch.Generator) -> torch.Tensor:
+    """``r`` rows of each kind: Gaussian at many scales (flat → peaked), integer ties, constant rows,
+    one-peak rows, and rows with a few equal top tokens.
+
+    Near-flat rows whose distinct logits are closer than float32 probability resolution (scale
+    1e-3) are in ``test_nucleus_near_tie_equal_probs_different_logits``."""
+    out = []
+    for scale in (0.3, 1.0, 3.0, 10.0, 30.0):
+        out.append(scale * torch.randn(r, v, generator=g))
+    out.append(torch.randint(-3, 4, (r, v), generator=g).float())  # many exact ties
+    out.append(torch.zeros(2, v))  # perfectly flat
+    peak = torch.zeros(r, v)
+    peak[torch.arange(r), torch.randint(0, v, (r,), generator=g)] = torch.linspace(0.5, 12.0, r)
+    out.append(peak)
+    top_ties = torch.randn(r, v, generator=g)
+    top_ties[:, : min(4, v)] = 4.0  # several equal top tokens
+    out.append(top_ties)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("v", [6, 7, 33, 64, 65, 100, 1000, 4096])
+def test_nucleus_matches_hf_warpers(v: int) -> None:
+    g = torch.Generator().manual_seed(v)
+    logits = _rows(v, 6, g)
+    for p in PS:
+        for tau in TAUS:
+            want = hf_keep(logits, tau, p)
+            for prefix in (1, 5, 64):  # a performance knob only: never changes the kept set
+                got = SamplingPolicy(tau, p, topk_prefix=prefix).nucleus_mask(logits)
+                assert got is not None and got.dtype == torch.bool
+                bad = (got != want).any(-1).nonzero().flatten().tolist()
+                assert not bad, f"V={v} p={p} τ={tau} prefix={prefix}: rows {bad} differ from HF"
+
+
+def test_nucleus_matches_hf_warpers_large_vocab() -> None:
+    """V = 50,257: long nuclei (flat rows) need the exact sort, short ones take the topk prefix."""
+    g = torch.Generator().manual_seed(1)
+    v = 50257
+    logits = torch.cat([s * torch.randn(3, v, generator=g) for s in (0.05, 1.0, 4.0, 15.0)])
+    sizes = []
+    for p, tau in ((0.3, 1.0), (0.9, 0.7), (0.95, 1.0), (0.999, 1.5)):
+        want = hf_keep(logits, tau, p)
+        got = SamplingPolicy(tau, p).nucleus_mask(logits)
+        assert torch.equal(got, want), f"p={p} τ={tau}"
+        sizes.append(want.sum(-1))
+    # The kept sets span from a handful of tokens (prefix path) to most of the vocabulary (sort).
+    sizes = torch.cat(sizes)
+    assert sizes.min() < 64 and sizes.max() > 16 * 64 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_nucleus_is_decided_in_float32(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.cat([(s * torch.randn(40, 100, generator=g)).to(dtype) for s in (0.5, 2.0, 8.0)])
+    for p in (0.3, 0.9, 0.97):
+        for tau in (0.6, 1.0):
+            want = hf_keep(logits.float(), tau, p)  # generate: float32 scores, then the warpers
+            got = SamplingPolicy(tau, p).nucleus_mask(logits)
+            assert torch.equal(got, want), f"{dtype} p={p} τ={tau}"
+
+
+def test_float64_rows_where_float64_and_float32_rules_disagree() -> None:
+    """Near-tied float64 rows: HF's rule in float64 differs from float32; deltaH follows float32."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-2, 3, (300, 8), generator=g).double()
+    logits = base + 1e-9 * torch.randn(300, 8, generator=g, dtype=torch.float64)
+    p = 0.5
+    keep64 = torch.isfinite(TopPLogitsWarper(p)(None, logits.clone()))
+    keep32 = hf_keep(logits, 1.0, p)
+    differs = (keep64 != keep32).any(-1)
+    assert differs.sum() > 10  # the test has power: the two rules really disagree on these rows
+    got = SamplingPolicy(1.0, p).nucleus_mask(logits)
+    assert torch.equal(got, keep32)
+
+
+def test_nucleus_near_tie_equal_probs_different_logits() -> None:
+    """Logits one float32 ulp apart have the *same* float32 probability; HF sorts by the logit and
+    keeps only the larger one when the boundary falls between them (a prefix ordered by
+    probability instead of by logit keeps both).
+
+    Row 0/1: a constructed pair (the larger logit second / first). Rows 2+: near-flat Gaussian
+    rows (scale 1e-3, V = 4096), which hit the same case by chance."""
+    v = 4096
+    z = torch.full((2, v), -20.0)
+    lo = torch.tensor(0.001)
+    hi = torch.nextafter(lo, torch.tensor(1.0))
+    z[0, 0], z[0, 1] = lo, hi
+    z[1, 0], z[1, 1] = hi, lo
+    prob = torch.softmax(z, -1)
+    assert prob[0, 0] == prob[0, 1] and z[0, 0] != z[0, 1]
+    assert hf_keep(z, 1.0, 0.3)[:, :2].sum(-1).tolist() == [1, 1]
+    g = torch.Generator().manual_seed(4096)
+    logits = torch.cat([z, 1e-3 * torch.randn(6, v, generator=g)])
+    failures = []
+    for p, tau, prefix in ((0.3, 1.0, 64), (0.05, 1.0, 1), (0.05, 2.0, 1), (0.05, 2.0, 64)):
+        want = hf_keep(logits, tau, p)
+        got = SamplingPolicy(tau, p, topk_prefix=prefix).nucleus_mask(logits)
+        failures += [(p, tau, prefix, r) for r in (got != want).any(-1).nonzero().flatten().tolist()]
+    assert not failures, f"(p, τ, prefix, row) differing from HF: {failures}"
+
+
+def test_top_p_one_keeps_everything_and_is_log_softmax() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = torch.cat([s * torch.randn(20, 300, generator=g, dtype=torch.float64) for s in (0.1, 3.0, 40.0)])
+    targets = torch.randint(0, 300, (60,), generator=g)
+    for tau in TAUS:
+        pol = SamplingPolicy(tau, 1.0)
+        assert pol.nucleus_mask(logits) is None
+        logq, ent = pol.token_stats(logits, targets)
+        logp = torch.log_softmax(logits / tau, -1)
+        z = logits / tau
+        assert_rows_close(logq, logp.gather(-1, targets[:, None])[:, 0], z, torch.float64)
+        assert_rows_close(ent, -(logp.exp() * logp).sum(-1), z, torch.float64)
+        # float32 logits: same in float32, no tail dropped by an early-saturating cumsum
+        lq32, en32 = pol.token_stats(logits.float(), targets)
+        assert lq32.dtype == torch.float32 and torch.isfinite(lq32).all()
+        assert_rows_close(lq32, logq, z, torch.float32)
+        assert_rows_close(en32, ent, z, torch.float32)
+
+
+# Regression: float32 RB entropies must stay accurate at LLM shapes (V = 152k, logits with a large
+# common offset): sums are cascaded and lse − Σ q·z is evaluated on max-shifted logits.
+
+
+def test_float32_entropy_precision_at_llm_shapes() -> None:
+    """LLM logits sit around +20 with a spread of a few units, over V up to 151,936 (Qwen2).
+    Entropy is shift-invariant; a float32 evaluation with the max subtracted and a pairwise sum
+    (``torch.log_softmax`` + ``torch.sum``) stays within 2e-6 (V = 1000) and 6e-5 (V = 151,936)
+    of float64 on these rows, under the bounds 1e-5 / 1e-4; deltaH errs by up to 1e-4 / 1.2e-3."""
+    g = torch.Generator().manual_seed(8)
+    cases = [(25.0 + 3.0 * torch.randn(100, 1000, generator=g), 1e-5),
+             (20.0 + 0.3 * torch.randn(2, 151936, generator=g), 1e-4),
+             (20.0 + 3.0 * torch.randn(2, 151936, generator=g), 1e-4)]
+    errors = []
+    for logits, bound in cases:
+        targets = torch.zeros(logits.shape[0], dtype=torch.long)
+        for p in (1.0, 0.9):
+            _, ent = SamplingPolicy(0.7, p).token_stats(logits, targets)
+            _, ren = ref_token_stats(logits, targets, 0.7, p)
+            err = float((ent.double() - ren).abs().max())
+            if err > bound:
+                errors.append((logits.shape[-1], p, err))
+    assert not errors, f"(V, p, max |error|) over the bound: {errors}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [6, 100, 2000])
+def test_token_stats_match_float64_masked_softmax(dtype: torch.dtype, v: int) -> None:
+    g = torch.Generator().manual_seed(v)
+    logits = _rows(v, 5, g).to(dtype)
+    targets = torch.randint(0, v, (logits.shape[0],), generator=g)
+    for p in (0.3, 0.9, 1.0):
+        for tau in (0.5, 1.0, 1.7):
+            logq, ent = SamplingPolicy(tau, p).token_stats(logits, targets)
+            want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            assert logq.dtype == want_dtype and ent.dtype == want_dtype
+            # the reference sees the same values (logits.float() for the low-precision dtypes)
+            src = logits if dtype == torch.float64 else logits.float()
+            rlq, ren = ref_token_stats(src, targets, tau, p)
+            assert torch.equal(torch.isneginf(logq), torch.isneginf(rlq))
+            fin = torch.isfinite(rlq)
+            assert fin.any()
+            z = src / tau
+            assert_rows_close(logq[fin], rlq[fin], z[fin], dtype)
+            assert_rows_close(ent, ren, z, dtype)
+            assert not torch.isnan(logq).any() and not torch.isnan(ent).any()
+
+
+def test_logq_is_minus_inf_outside_nucleus_with_finite_gradients_inside() -> None:
+    g = torch.Generator().manual_seed(5)
+    v, tau, p = 50, 0.8, 0.6
+    base = torch.cat([2.0 * torch.randn(30, v, generator=g, dtype=torch.float64),
+                      torch.randint(-2, 3, (10, v), generator=g).double()])
+    logits = base.clone().requires_grad_(True)
+    targets = torch.randint(0, v, (40,), generator=g)
+    pol = SamplingPolicy(tau, p)
+    keep = hf_keep(base, tau, p)
+    inside = keep.gather(-1, targets[:, None])[:, 0]
+    assert inside.any() and (~inside).any()
+
+    logq, ent = pol.token_stats(logits, targets)
+    assert torch.isneginf(logq[~inside]).all() and torch.isfinite(logq[inside]).all()
+    assert torch.isfinite(ent).all()
+
+    # d log q / d logits (all rows, -inf rows included) and d H / d logits: finite, and equal to
+    # the closed forms (δ_vy − q_v)/τ and −q_v (log q_v + H)/τ on the kept set, 0 outside it.
+    (g_lq,) = torch.autograd.grad(logq, logits, torch.ones_like(logq), retain_graph=True)
+    (g_en,) = torch.autograd.grad(ent.sum(), logits)
+    assert torch.isfinite(g_lq).all() and torch.isfinite(g_en).all()
+
+    z = (base / tau).masked_fill(~keep, float("-inf"))
+    q = torch.softmax(z, -1)
+    logq_all = torch.where(keep, torch.log_softmax(z, -1), torch.zeros_like(z))
+    h = -(q * logq_all).sum(-1, keepdim=True)
+    onehot = torch.nn.functional.one_hot(targets, v).double()
+    want_lq = torch.where(inside[:, None] & keep, (onehot - q) / tau, torch.zeros_like(q))
+    want_en = torch.where(keep, -q * (logq_all + h) / tau, torch.zeros_like(q))
+    torch.testing.assert_close(g_lq, want_lq, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(g_en, want_en, atol=1e-12, rtol=1e-10)
+
+
+def test_gradcheck_inside_nucleus() -> None:
+    """Finite differences agree with autograd for rows away from the nucleus boundary."""
+    g = torch.Generator().manual_seed(6)
+    logits = (3.0 * torch.randn(4, 12, generator=g, dtype=torch.float64)).requires_grad_(True)
+    pol = SamplingPolicy(0.9, 0.8)
+    keep = pol.nucleus_mask(logits)
+    targets = torch.where(keep, logits, torch.tensor(-1e9, dtype=torch.float64)).argmax(-1).detach()
+
+    def f(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pol.token_stats(x, targets)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-7, atol=1e-6)
+
+
+def test_probabilities_sum_to_one_over_the_vocabulary() -> None:
+    g = torch.Generator().manual_seed(7)
+    v = 300
+    logits = torch.cat([s * torch.randn(8, v, generator=g, dtype=torch.float64) for s in (0.2, 2.0, 9.0)])
+    for p in (0.2, 0.8, 1.0):
+        pol = SamplingPolicy(1.3, p)
+        rows = logits.repeat_interleave(v, 0)
+        targets = torch.arange(v).repeat(logits.shape[0])
+        logq, ent = pol.token_stats(rows, targets)
+        q = logq.exp().reshape(-1, v)
+        torch.testing.assert_close(q.sum(-1), torch.ones(q.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)
+        # RB entropy = −Σ q log q over the support
+        h = -(q * torch.where(q > 0, logq.reshape(-1, v), torch.zeros_like(q))).sum(-1)
+        torch.testing.assert_close(ent.reshape(-1, v)[:, 0], h, atol=1e-12, rtol=1e-12)
+
+
+# -- hypothesis: rows on a 1/8 grid (exact ties, never near-ties) -------------------------------------
+
+_grid_rows = st.integers(min_value=2, max_value=80).flatmap(
+    lambda v: st.lists(st.lists(st.integers(-40, 40), min_size=v, max_size=v), min_size=1, max_size=6)
+)
+_p = st.sampled_from([0.01, 0.1, 0.25, 0.5, 0.7, 0.9, 0.99, 1.0]) | st.floats(0.01, 1.0)
+_tau = st.floats(0.2, 3.0)
+
+
+@given(rows=_grid_rows, p=_p, tau=_tau, prefix=st.integers(1, 70))
+def test_property_nucleus_equals_hf(rows: list[list[int]], p: float, tau: float, prefix: int) -> None:
+    logits = torch.tensor(rows, dtype=torch.float32) / 8
+    got = SamplingPolicy(tau, p, topk_prefix=prefix).nucleus_mask(logits)
+    want = hf_keep(logits, tau, p)
+    if got is None:
+        assert p == 1.0
+    else:
+        assert torch.equal(got, want)
+
+
+@given(rows=_grid_rows, p=_p, tau=_tau)
+def test_property_nucleus_is_the_smallest_top_set_reaching_p(rows: list[list[int]], p: float,
+                                                              tau: float) -> None:
+    """Independent of HF: the kept set is a top set, holds mass ≥ p, and is minimal (dropping its
+    smallest token leaves mass < p) — i.e. the token crossing the threshold is kept (§1.8)."""
+    logits = torch.tensor(rows, dtype=torch.float64) / 8
+    keep = SamplingPolicy(tau, p).nucleus_mask(logits)
+    if keep is None:
+        return
+    prob = torch.softmax(logits / tau, -1)
+    slack = 1e-6  # float32 cumsum vs float64 probabilities
+    for k, z, pr in zip(keep, logits, prob, strict=True):
+        assert k.any()
+        if (~k).any():
+            assert z[k].min() >= z[~k].max()
+        mass = pr[k].sum()
+        assert mass >= p - slack
+        if k.sum() > 1:
+            assert mass - pr[k].min() < p + slack
+
+
+@given(rows=_grid_rows, p1=_p, p2=_p, tau=_tau)
+def test_property_nucleus_grows_with_p(rows: list[list[int]], p1: float, p2: float, tau: float) -> None:
+    lo, hi = sorted((p1, p2))
+    logits = torch.tensor(rows, dtype=torch.float32) / 8
+    k_lo = SamplingPolicy(tau, lo).nucleus_mask(logits)
+    k_hi = SamplingPolicy(tau, hi).nucleus_mask(logits)
+    if k_hi is None:
+        return
+    assert k_lo is not None and not (k_lo & ~k_hi).any()
+
+
+@given(rows=_grid_rows, p=_p, tau=_tau, seed=st.integers(0, 2**16))
+def test_property_token_stats(rows: list[list[int]], p: float, tau: float, seed: int) -> None:
+    logits = torch.tensor(rows, dtype=torch.float64) / 8
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=g)
+    logq, ent = SamplingPolicy(tau, p).token_stats(logits, targets)
+    rlq, ren = ref_token_stats(logits, targets, tau, p)
+    assert not torch.isnan(logq).any()
+    assert torch.equal(torch.isneginf(logq), torch.isneginf(rlq))
+    fin = torch.isfinite(rlq)
+    assert_rows_close(logq[fin], rlq[fin], logits[fin] / tau, torch.float64)
+    assert_rows_close(ent, ren, logits / tau, torch.float64)
+    assert (logq <= 1e-15).all()
+    n_kept = hf_keep(logits, tau, p).sum(-1).double()
+    assert (ent >= -1e-12).all() and (ent <= torch.log(n_kept) + 1e-12).all()
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": 1.0001}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"topk_prefix": 0}, "topk_prefix"),
+    ],
+)
+def test_sampling_policy_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingPolicy(**kwargs)
+
+
+def test_sampling_policy_accepts_boundaries() -> None:
+    assert SamplingPolicy(temperature=1e-3, top_p=1.0, topk_prefix=1).top_p == 1.0
+    assert SamplingPolicy(top_p=1e-9).nucleus_mask(torch.tensor([[0.0, 1.0, 3.0]])).tolist() == [
+        [False, False, True]
+    ]
