@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) examples/demo.py
+	$(VENV)/bin/deltah run configs/toy.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check deltaH tests benchmarks examples

@@ -1,0 +1,138 @@
+"""The ``deltah`` command: ``run``, ``inspect``, ``bench``.
+
+Exit codes: 0 success, 2 bad input (config, files, arguments: one-line message, no traceback),
+1 failure (a traceback with ``--verbose``), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("deltaH")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="deltah", description="How does one optimizer step change the policy's entropy?"
+    )
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the plan of a YAML config and write a results folder")
+    r.add_argument(
+        "config", nargs="?", default=None, help="YAML config (default: the embedded toy, configs/toy.yaml)"
+    )
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config key (repeatable), e.g. --set policy.top_p=0.95",
+    )
+    r.add_argument(
+        "--out", default=None, help="results folder to create (default: output.dir/run-<timestamp>)"
+    )
+    r.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")
+    i = sub.add_parser("inspect", help="print a results folder's summary as a table")
+    i.add_argument("results", help="a results folder written by 'deltah run'")
+    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/ in a source checkout)")
+    b.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    b.add_argument("--out", default="benchmarks/results/core.json")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        # Library deprecation chatter (peft/transformers) is not the user's business here.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+    try:
+        if args.cmd == "run":
+            return _run(args)
+        if args.cmd == "inspect":
+            return _inspect(args)
+        return _bench(args)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the results folder is marked incomplete; continue with --resume DIR",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError) as exc:
+        if args.verbose:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"deltah: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a failure, not bad input
+        if args.verbose:
+            raise
+        print(
+            f"deltah: failed: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deltaH.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before any model loads
+    from deltaH.runner import run
+
+    path = run(cfg, out=args.out, resume=args.resume, quiet=args.quiet)
+    print(f"results: {path}")
+    print(f"report:  {Path(path) / 'report.md'}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from deltaH.io.report import format_summary_table
+    from deltaH.io.results import ResultsDir
+
+    rd = ResultsDir.open(args.results)
+    summary = rd.read_json("summary.json")
+    if summary is None:
+        study = rd.read_json("study.json")
+        if study is not None:
+            for row in study["checkpoints"]:
+                print(row)
+            return 0
+        prog = rd.progress()
+        raise FileNotFoundError(f"{args.results} has no summary.json yet (status: {prog.get('status')})")
+    summary.setdefault("status", rd.progress().get("status"))
+    print(format_summary_table(summary))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.bench_core import main as bench_main
+    except ImportError as exc:
+        raise ImportError(
+            "deltah bench needs a source checkout (the benchmarks/ folder); run it from the repo root"
+        ) from exc
+    return int(bench_main(["--out", args.out, *(["--quick"] if args.quick else [])]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
