@@ -11,8 +11,9 @@ of update sequence ``i`` is ``ĉ_i = −clip·coef_i·P·∇log π(t_i)``, the f
 ``logq(t)`` along ``ĉ_i`` is ``−clip·coef_i·K[t, i]``.
 
 ``method="exact"`` streams over blocks of parameters (memory ``O((N_E + N_U)·block)``);
-``method="projection"`` streams over sequences and keeps seeded Gaussian projections of the
-gradients, ``K ≈ (G_E P Π)(G_U Π)ᵀ / k`` (memory ``O((N_E + N_U)·k)``; unbiased, error ∝ 1/√k).
+``method="projection"`` streams over sequences and keeps seeded random projections (CountSketch:
+each coordinate hashed to one of ``k`` buckets with a random sign) of the gradients,
+``K ≈ (G_E P S)(G_U S)ᵀ`` (memory ``O((N_E + N_U)·k)``; unbiased, error ∝ 1/√k).
 """
 
 from __future__ import annotations
@@ -114,18 +115,22 @@ def fisher_kernel(
             out.append(_project(flat, sizes, k, seed))
         return torch.cat(out)
 
-    return project(eval_batch, "eval") @ project(update_batch, "update").T / k
+    return project(eval_batch, "eval") @ project(update_batch, "update").T
 
 
 def _project(flat: Tensor, sizes: Sequence[int], k: int, seed: int) -> Tensor:
-    """``flat [n, P] @ Π [P, k]`` with ``Π`` standard Gaussian, generated per parameter block from
-    ``seed`` so it is identical for both sides and never stored whole."""
+    """CountSketch ``flat [n, P] → [n, k]``: coordinate ``α`` goes to bucket ``h(α)`` with sign ``s(α)``.
+
+    ``h, s`` are generated per parameter block from ``seed`` (identical for both sides, never
+    stored whole); ``E[<Sx, Sy>] = <x, y>`` and the error of a kernel entry shrinks like ``1/√k``.
+    """
     out = torch.zeros(flat.shape[0], k, dtype=torch.float64)
     start = 0
     for j, size in enumerate(sizes):
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + j)
-        pi = torch.randn(size, k, generator=gen, dtype=torch.float64)
-        out += flat[:, start : start + size] @ pi
+        bucket = torch.randint(0, k, (size,), generator=gen)
+        sign = torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1
+        out.index_add_(1, bucket, flat[:, start : start + size] * sign)
         start += size
     return out
 

@@ -77,23 +77,29 @@ def sequence_logprob_grads(
         tgt = torch.zeros(c.n, length, dtype=torch.long, device=c.ids.device)
         tgt[c.rows, c.pred_pos] = c.targets
         pos = c.position_ids[0]
+        keep = None
+        if policy is not None and policy.top_p < 1.0:
+            with torch.no_grad():
+                keep = policy.nucleus_mask(lm.head(params, lm.backbone(params, c.ids, c.position_ids)))
 
         def s_i(
-            p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, pos: Tensor = pos
+            p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, kp: Tensor | None, pos: Tensor = pos
         ) -> tuple[Tensor, Tensor]:
             full = {**rest, **p}
             h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
             logits = lm.head(full, h)
             cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-            lp = (
-                torch.log_softmax(logits.to(cd) / temperature, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            )
+            z = logits.to(cd) / temperature
+            if kp is not None:
+                z = z.masked_fill(~kp, float("-inf"))
+            lp = torch.log_softmax(z, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
             val = torch.where(m, lp, torch.zeros_like(lp)).sum()
             return val, val.detach()
 
         sub = {n: params[n] for n in names}
-        g, val = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=(None, 0, 0, 0))(
-            sub, c.ids, mask, tgt
+        dims = (None, 0, 0, 0, None if keep is None else 0)
+        g, val = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=dims)(
+            sub, c.ids, mask, tgt, keep
         )
         for n in names:
             grads[n].append(g[n])
