@@ -356,7 +356,7 @@ class PolicyConfig:
 class EvalBatchConfig:
     """The evaluation batch E on which entropy and ΔH are estimated."""
 
-    total_sequences: int = _opt(64, "Sequences N_E in E; a multiple of group_size", _number(1, integer=True))
+    total_sequences: int = _opt(256, "Sequences N_E in E; a multiple of group_size", _number(1, integer=True))
     group_size: int = _opt(4, "Responses per prompt (prompts are drawn with replacement)",
                            _number(1, integer=True))
 

@@ -1,4 +1,4 @@
-"""Demo until the runner exists: true ΔH for a few directions on a tiny random Qwen2 model.
+"""API example: true ΔH for a few random directions on a tiny random Qwen2 model (no checkpoint needed).
 
 Builds a tiny model in code, samples an evaluation batch from its own temperature/top-p policy,
 and prints ΔH, ESS and k̂ for a few random LoRA-free directions over an η grid.
