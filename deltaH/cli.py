@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("results", help="a results folder written by 'deltah run'")
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/ in a source checkout)")
     b.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    b.add_argument("--out", default="benchmarks/results/core.json")
+    b.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     return ap
 
 
@@ -126,7 +126,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from benchmarks.bench_core import main as bench_main
+        from benchmarks.run_all import main as bench_main
     except ImportError as exc:
         raise ImportError(
             "deltah bench needs a source checkout (the benchmarks/ folder); run it from the repo root"

@@ -36,6 +36,7 @@ from deltaH.estimators.true import base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
 from deltaH.io.results import ResultsDir, to_jsonable
 from deltaH.policy import SamplingPolicy
+from deltaH.stats import token_diagnostics
 from deltaH.updates.directions import DECOMPOSITIONS, update_directions
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,21 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
         rd.save_array("eval_entropy", base.entropy, "RB entropy of each evaluation sequence at θ [N_E]")
         rd.save_array("update_rewards", up.rewards, "reward of each update sequence [N_U]")
         rd.save_array("update_advantages", up.advantages, "advantage of each update sequence [N_U]")
+        if detail == "debug":
+            diag = token_diagnostics(
+                lm,
+                params,
+                ev.batch,
+                policy=policy,
+                eos_token_ids=_eos_ids(tok),
+                tf_batch_size=cfg.compute.tf_batch_size,
+            )
+            for name in ("row", "position", "logq", "entropy", "top1", "nucleus", "eos"):
+                rd.save_array(
+                    f"eval_token_{name}",
+                    getattr(diag, name),
+                    f"per scored evaluation token at θ: {name} [P] (see stats.TokenDiagnostics)",
+                )
         rd.mark_done("batches")
 
     kw: dict[str, Any] = {
@@ -484,7 +500,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
     rd.save_array("delta_h1", dh1_arr, "first-order δH₁ [n_eta, 4]")
     rd.save_array("ess", np.asarray(true_part["ess"]), "effective sample size [n_eta, 4]")
     rd.save_array("khat", np.asarray(true_part["khat"], dtype=float), "PSIS k̂ [n_eta, 4]")
-    if cfg.output.detail != "minimal":
+    if cfg.output.detail in ("detailed", "debug"):
         rd.save_array(
             "per_sequence_full",
             np.asarray(true_part["per_sequence_full"]),
@@ -630,6 +646,13 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
     else:
         _report_only(summary, rd)
     rd.mark_done("report")
+
+
+def _eos_ids(tok: Any) -> list[int]:
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
 
 def _describe(ckpt: Any) -> dict[str, Any]:

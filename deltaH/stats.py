@@ -144,3 +144,58 @@ def sequence_stats(
     lm.check_names(params)
     lq, en = stats_of_chunks(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
     return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens)
+
+
+@dataclass(frozen=True)
+class TokenDiagnostics:
+    """Per scored token (flattened, ``[P]``): its sequence ``row``, ``position`` in the compacted row,
+    ``logq``, RB ``entropy``, the ``top1`` probability, the ``nucleus`` size and ``eos`` probability
+    under ``q``."""
+
+    row: Tensor
+    position: Tensor
+    logq: Tensor
+    entropy: Tensor
+    top1: Tensor
+    nucleus: Tensor
+    eos: Tensor
+
+
+def token_diagnostics(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    policy: SamplingPolicy,
+    eos_token_ids: Sequence[int] = (),
+    tf_batch_size: int = 16,
+) -> TokenDiagnostics:
+    """Per-token diagnostics of ``q`` at ``params`` on every scored token (no gradients)."""
+    parts: dict[str, list[Tensor]] = {
+        k: [] for k in ("row", "position", "logq", "entropy", "top1", "nucleus", "eos")
+    }
+    eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long)
+    offset = 0
+    with torch.no_grad():
+        for c in chunks_of(batch, tf_batch_size):
+            h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
+            logits = lm.head(params, h)
+            lq, en = policy.token_stats(logits, c.targets)
+            keep = policy.nucleus_mask(logits)
+            z = logits.double() / policy.temperature
+            if keep is not None:
+                z = z.masked_fill(~keep, float("-inf"))
+            q = torch.softmax(z, dim=-1)
+            parts["row"].append(c.rows + offset)
+            parts["position"].append(c.pred_pos + 1)
+            parts["logq"].append(lq.double())
+            parts["entropy"].append(en.double())
+            parts["top1"].append(q.amax(-1))
+            parts["nucleus"].append(
+                keep.sum(-1) if keep is not None else torch.full_like(c.rows, q.shape[-1])
+            )
+            parts["eos"].append(
+                q[:, eos.to(q.device)].sum(-1) if eos.numel() else torch.zeros_like(lq.double())
+            )
+            offset += c.n
+    return TokenDiagnostics(**{k: torch.cat(v) for k, v in parts.items()})

@@ -192,3 +192,22 @@ def test_study_of_several_checkpoints(tmp_path: Path) -> None:
         study["checkpoints"][0]["h_orig"] == study["checkpoints"][1]["h_orig"]
     )  # same seed, same checkpoint
     assert (out / "plots" / "trajectory.png").is_file()
+
+
+def test_detail_levels(tmp_path: Path) -> None:
+    tiny = ["eval_batch.total_sequences=8", "analyses.influence=false", "eta.grid=[1e-4]"]
+    rc, minimal = _run(tmp_path, "minimal", *tiny, "output.detail=minimal", "output.plots=false")
+    assert rc == 0
+    assert (minimal / "summary.json").is_file() and (minimal / "report.md").is_file()
+    assert not (minimal / "batches" / "eval.jsonl").exists()
+    assert not (minimal / "arrays" / "per_sequence_full.npy").exists()
+    rc, debug = _run(tmp_path, "debug", *tiny, "output.detail=debug")
+    assert rc == 0
+    arrays = ResultsDir.open(debug).load_arrays()
+    assert "per_sequence_full" in arrays
+    # Per-token diagnostics add up to the per-sequence statistics saved beside them.
+    rows = arrays["eval_token_row"].astype(int)
+    per_seq = np.bincount(rows, weights=arrays["eval_token_logq"], minlength=8)
+    np.testing.assert_allclose(per_seq, arrays["eval_logq"], rtol=1e-5, atol=1e-5)
+    assert ((arrays["eval_token_top1"] > 0) & (arrays["eval_token_top1"] <= 1)).all()
+    assert (arrays["eval_token_nucleus"] >= 1).all() and (arrays["eval_token_eos"] >= 0).all()

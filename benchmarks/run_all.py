@@ -1,0 +1,31 @@
+"""Run every benchmark (core, updates, probe when present) and write JSON under ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument(
+        "--out", default="benchmarks/results", help="folder for core.json, updates.json, probe.json"
+    )
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    q = ["--quick"] if args.quick else []
+    from benchmarks import bench_core, bench_updates
+
+    bench_core.main(["--out", os.path.join(args.out, "core.json"), *q])
+    bench_updates.main(["--out", os.path.join(args.out, "updates.json"), *q])
+    if importlib.util.find_spec("benchmarks.bench_probe") is not None:
+        from benchmarks import bench_probe  # type: ignore[attr-defined]
+
+        bench_probe.main(["--out", os.path.join(args.out, "probe.json"), *q])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
