@@ -125,13 +125,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
     try:
-        from benchmarks.run_all import main as bench_main
+        run_all = importlib.import_module("benchmarks.run_all")  # a source checkout's benchmarks/
     except ImportError as exc:
         raise ImportError(
             "deltah bench needs a source checkout (the benchmarks/ folder); run it from the repo root"
         ) from exc
-    return int(bench_main(["--out", args.out, *(["--quick"] if args.quick else [])]))
+    return int(run_all.main(["--out", args.out, *(["--quick"] if args.quick else [])]))
 
 
 if __name__ == "__main__":
