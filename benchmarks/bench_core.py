@@ -275,14 +275,24 @@ def bench_entropy_cost(vocab: int, rows: int, quick: bool) -> list[dict[str, Any
         logits = logits[:, torch.randperm(vocab, generator=g)].contiguous()
         tgt = torch.randint(0, vocab, (rows,), generator=g)
         rep = 2 if quick else 5
-        t_ls = timeit(lambda x=logits, y=tgt: torch.log_softmax(x, -1).gather(-1, y[:, None]), rep)
+
+        def ls(x: torch.Tensor = logits, y: torch.Tensor = tgt) -> torch.Tensor:
+            return torch.log_softmax(x, -1).gather(-1, y[:, None])
+
+        t_ls = timeit(ls, rep)
         row: dict[str, Any] = {"V": vocab, "rows": rows, "zipf_alpha": alpha, "t_log_softmax_s": t_ls}
         for p in (1.0, 0.95, 0.9):
             pol = dh.SamplingPolicy(1.0, p)
-            t_p = timeit(lambda pol=pol, x=logits, y=tgt: pol.token_stats(x, y), rep)
+
+            def ts(pol: dh.SamplingPolicy = pol, x: torch.Tensor = logits, y: torch.Tensor = tgt) -> object:
+                return pol.token_stats(x, y)
+
+            t_p = timeit(ts, rep)
             row[f"ratio_top_p_{p}"] = t_p / t_ls
             if p < 1:
-                row[f"mean_nucleus_{p}"] = float(pol.nucleus_mask(logits).sum(-1).float().mean())
+                mask = pol.nucleus_mask(logits)
+                assert mask is not None
+                row[f"mean_nucleus_{p}"] = float(mask.sum(-1).float().mean())
         out.append(row)
     return out
 
@@ -299,8 +309,9 @@ def bench_sweep(kind: str, k_total: int, n: int, t_resp: int, quick: bool) -> di
     dcs = (4, 16) if quick else (1, 4, 8, 16)
     for tf in tfs:
         for dc in dcs:
-            t = timeit(
-                lambda tf=tf, dc=dc: dh.delta_h_true_multi(
+
+            def one(tf: int = tf, dc: int = dc) -> object:
+                return dh.delta_h_true_multi(
                     lm.params,
                     dirs,
                     batch,
@@ -310,9 +321,9 @@ def bench_sweep(kind: str, k_total: int, n: int, t_resp: int, quick: bool) -> di
                     dir_chunk=dc,
                     tf_batch_size=tf,
                     base=base,
-                ),
-                1,
-            )
+                )
+
+            t = timeit(one, 1)
             grid.append(
                 {"tf_batch_size": tf, "dir_chunk": dc, "time_s": t, "seq_dirs_per_s": n * k_total / t}
             )
