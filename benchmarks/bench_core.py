@@ -232,24 +232,40 @@ def bench_flops(kind: str, k: int, n: int, t_resp: int, quick: bool) -> dict[str
     }
 
 
+def _status_kb(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> int:
+    """Reset the peak-RSS counter (Linux ``clear_refs``) and return the current RSS in kB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS")
+
+
 def _peak_rss_child(mode: str, t: int, vocab: int) -> None:
-    """Child process: one head evaluation of [1, T] positions; prints the peak RSS increase (MB)."""
-    torch.manual_seed(0)
-    d = 256
-    hidden = torch.randn(1, t, d)
-    w = torch.randn(vocab, d) * 0.05
-    targets = torch.randint(0, vocab, (t,))
-    pol = dh.SamplingPolicy(1.0, 0.95)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if mode == "full":
-        logits = hidden[0] @ w.T  # [T, V] at once
-        lq, en = pol.token_stats(logits, targets)
-    else:
-        step = max(1, 2**24 // vocab)
-        parts = []
-        for s in range(0, t, step):
-            parts.append(pol.token_stats(hidden[0, s : s + step] @ w.T, targets[s : s + step]))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Child process: ``sequence_stats`` of one sequence of T scored tokens on the V = 151,936 model,
+    with the library's chunked head or with every position's logits at once (``head_chunk = T``);
+    prints the peak RSS increase (MB) over the loaded model."""
+    model = build("vocab", lora=False)
+    lm = dh.FunctionalLM.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, lm.vocab_size, (1, t + 1), generator=g)
+    am = torch.ones_like(ids, dtype=torch.bool)
+    rm = am.clone()
+    rm[:, 0] = False
+    batch = dh.SequenceBatch(ids, am, rm)
+    pol = dh.SamplingPolicy(1.0, 1.0)
+    before = _reset_peak()
+    with torch.no_grad():
+        dh.sequence_stats(lm, lm.params, batch, policy=pol, head_chunk=t if mode == "full" else None)
+    after = _status_kb("VmHWM")
     print(json.dumps({"peak_increase_mb": (after - before) / 1024}))
 
 

@@ -112,7 +112,7 @@ class SamplingPolicy:
         ninf = torch.full_like(zy, float("-inf"))
         logq, ent = ninf, torch.zeros_like(zy)
         for rows, idx, n_keep in nuc.sparse:
-            zs = z[rows].gather(-1, idx)  # [r, k] prefix values (differentiable)
+            zs = z[rows.unsqueeze(-1), idx]  # [r, k] prefix values (differentiable; no row copies)
             in_s = torch.arange(idx.shape[1], device=z.device) < n_keep.unsqueeze(-1)
             lq, en = _masked_stats(zs, in_s, zy[rows])
             inside = ((idx == y[rows]) & in_s).any(-1)
@@ -171,7 +171,8 @@ def _nucleus(z32: Tensor, top_p: float, k0: int) -> _Nucleus:
     sparse = []
     k = k0
     while todo.numel() and k < v:
-        top_z, top_idx = torch.topk(z32[todo], k, dim=-1)  # descending
+        rows_z = z32 if todo.numel() == z32.shape[0] else z32[todo]  # avoid copying every row
+        top_z, top_idx = torch.topk(rows_z, k, dim=-1)  # descending
         n_keep, decided = _prefix_rule(top_z, lse[todo], thr)
         if bool(decided.any()):
             sparse.append((todo[decided], top_idx[decided], n_keep[decided]))
