@@ -170,7 +170,7 @@ def bench_vmap_vs_loop(kind: str, k: int, n: int, t_resp: int, quick: bool) -> d
     rep = 1 if quick else 2
     t_loop = timeit(lambda: loop_delta_h(model, lm, dirs, batch, pol, eta, n), rep)
     vm = []
-    for dc, tf in ((k, n), (8, 8), (4, 8)):
+    for dc, tf in ((k, n), (8, 8), (4, 8), (1, 8), (1, n)):
 
         def one(dc: int = dc, tf: int = tf) -> object:
             return dh.delta_h_true_multi(

@@ -75,6 +75,11 @@ def chunk_token_stats(
     """
     if shifted is None:
         hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
+    elif next(iter(shifted.values())).shape[0] == 1:
+        # One direction: a plain call (no vmap). On CPU, vmap's batched LoRA products (bmm with a
+        # small rank) cost more than they save, so dir_chunk=1 is the loop without any mutation.
+        one = {k: v[0] for k, v in shifted.items()}
+        hidden = lm.backbone({**params, **one}, c.ids, c.position_ids).unsqueeze(0)
     else:
         base = {k: v for k, v in params.items() if k not in shifted}
 
