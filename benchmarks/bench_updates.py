@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 import deltaH as dh
-from benchmarks.bench_core import build, make_batch, random_dirs, timeit
+from benchmarks.bench_core import _reset_peak, _status_kb, build, make_batch, random_dirs, timeit
 from deltaH.estimators.kernel import fisher_kernel
 from deltaH.estimators.true import base_stats
 from deltaH.updates.grads import sequence_logprob_grads
@@ -109,7 +108,7 @@ def _kernel_child(method: str, n: int, t_resp: int) -> None:
     ev = make_batch(model, pol, lm.vocab_size, n, 16, t_resp, seed=1)
     up = make_batch(model, pol, lm.vocab_size, n, 16, t_resp, seed=2)
     precond = {k: torch.rand_like(v) for k, v in lm.params.items()}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak()
     t = time.perf_counter()
     fisher_kernel(
         lm,
@@ -124,7 +123,7 @@ def _kernel_child(method: str, n: int, t_resp: int) -> None:
         block_size=2**16,
     )
     dt = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _status_kb("VmHWM")
     print(
         json.dumps(
             {
