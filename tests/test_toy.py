@@ -25,17 +25,8 @@ def _hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _io():
-    """deltaH.io.load_checkpoint, or a skip when that module is not there yet."""
-    io = pytest.importorskip("deltaH.io", reason="deltaH.io (load_checkpoint) is not in this tree yet")
-    if not hasattr(io, "load_checkpoint"):
-        pytest.skip("deltaH.io has no load_checkpoint yet")
-    return io
-
-
 @pytest.fixture(scope="module")
 def ckpt():
-    _io()
     return toy.load_toy()
 
 
