@@ -25,19 +25,12 @@ ATOL = 1e-9
 RTOL = 1e-7
 
 
-def tiny_qwen2(
-    vocab: int = 32,
-    hidden: int = 32,
-    layers: int = 2,
-    tie: bool = False,
-    attn: str = "eager",
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _tiny(arch: str, vocab: int, hidden: int, layers: int, tie: bool, attn: str, dtype: torch.dtype,
+          seed: int) -> torch.nn.Module:
+    import transformers
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    cfg = getattr(transformers, f"{arch}Config")(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -49,34 +42,17 @@ def tiny_qwen2(
         initializer_range=0.2,
     )
     cfg._attn_implementation = attn
-    return Qwen2ForCausalLM(cfg).to(dtype).eval()
+    return getattr(transformers, f"{arch}ForCausalLM")(cfg).to(dtype).eval()
 
 
-def tiny_llama(
-    vocab: int = 32,
-    hidden: int = 32,
-    layers: int = 2,
-    tie: bool = True,
-    attn: str = "eager",
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_qwen2(vocab: int = 32, hidden: int = 32, layers: int = 2, tie: bool = False, attn: str = "eager",
+               dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    return _tiny("Qwen2", vocab, hidden, layers, tie, attn, dtype, seed)
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        initializer_range=0.2,
-    )
-    cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+def tiny_llama(vocab: int = 32, hidden: int = 32, layers: int = 2, tie: bool = True, attn: str = "eager",
+               dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    return _tiny("Llama", vocab, hidden, layers, tie, attn, dtype, seed)
 
 
 def with_lora(model: torch.nn.Module, r: int = 4, seed: int = 1) -> torch.nn.Module:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from deltaH import _dist, _trees
 from deltaH.batch import Compact, SequenceBatch
-from deltaH.estimators.true import ENTROPY_MODES, _as_etas, base_stats, validate_dirs
+from deltaH.estimators.true import _as_etas, base_stats, check_options, validate_dirs
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows
@@ -216,10 +216,7 @@ def delta_h_first_order(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if entropy_mode not in ENTROPY_MODES:
-        raise ValueError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
-    if int(dir_chunk) < 1:
-        raise ValueError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
+    check_options(entropy_mode, dir_chunk)
     etas, scalar = _as_etas(eta)
     lm.check_names(params)
     dirs = validate_dirs(lm, params, dirs)

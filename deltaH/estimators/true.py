@@ -143,6 +143,14 @@ def _as_etas(eta: float | Sequence[float] | Tensor) -> tuple[list[float], bool]:
     return etas, scalar
 
 
+def check_options(entropy_mode: str, dir_chunk: int) -> None:
+    """Validate the options shared by the ΔH estimators."""
+    if entropy_mode not in ENTROPY_MODES:
+        raise ValueError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
+    if int(dir_chunk) < 1:
+        raise ValueError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
+
+
 def validate_dirs(
     lm: FunctionalLM, params: Mapping[str, Tensor], dirs: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
@@ -194,10 +202,7 @@ def delta_h_true_multi(
     parameters (missing names are zero). ``base`` (θ-side stats from :func:`base_stats`) may be
     passed to reuse it across calls.
     """
-    if entropy_mode not in ENTROPY_MODES:
-        raise ValueError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
-    if int(dir_chunk) < 1:
-        raise ValueError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
+    check_options(entropy_mode, dir_chunk)
     etas, scalar = _as_etas(eta)
     with torch.no_grad():
         return _delta_h_true_multi(
