@@ -38,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--out", default=None, help="results folder to create (default: output.dir/run-<timestamp>)"
     )
-    r.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")
+    r.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue an interrupted run in DIR with the config saved there (changing a result-affecting "
+        "key is refused; chunk sizes and the device may change)",
+    )
     i = sub.add_parser("inspect", help="print a results folder's summary as a table")
     i.add_argument("results", help="a results folder written by 'deltah run'")
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/ in a source checkout)")
@@ -96,7 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from deltaH.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # validated before any model loads
+    if args.resume is not None:
+        from deltaH.errors import ResumeError
+        from deltaH.io.results import ResultsDir
+        from deltaH.runner.resume import resume_config
+
+        if args.out is not None:
+            raise ResumeError("--out cannot be combined with --resume: a resumed run continues in its folder")
+        rd = ResultsDir.open(args.resume)
+        cfg = resume_config(args.resume, args.config, args.overrides)  # the folder's own config.yaml
+        if rd.progress().get("status") == "complete":
+            from deltaH.runner.resume import check_same_results
+
+            check_same_results(rd.path, cfg)
+            print(f"results: {rd.path} (already complete: nothing was changed)")
+            return 0
+    else:
+        cfg = load_config(args.config, args.overrides)  # validated before any model loads
     from deltaH.runner import run
 
     path = run(cfg, out=args.out, resume=args.resume, quiet=args.quiet)

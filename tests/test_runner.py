@@ -11,6 +11,7 @@ import pytest
 import deltaH.runner as runner
 from deltaH.cli import main
 from deltaH.config import load_config
+from deltaH.io.compare import compare_results
 from deltaH.io.results import ResultsDir
 
 SHORT = [
@@ -142,36 +143,33 @@ def test_missing_checkpoint_is_bad_input(tmp_path: Path, capsys: pytest.CaptureF
     assert rc == 2 and "checkpoint.path" in err
 
 
-def test_interrupt_then_resume_skips_finished_analyses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupt_then_resume_redoes_only_unfinished_stages(tmp_path: Path) -> None:
     cfg = load_config("configs/toy.yaml", SHORT)
-    real = runner.influence_matrix
-
-    def interrupted(*a: object, **k: object) -> object:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "influence_matrix", interrupted)
     out = tmp_path / "r"
+
+    def interrupt(name: str, event: str) -> None:
+        if (name, event) == ("influence", "start"):
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        runner.run(cfg, out=out, quiet=True)
+        runner.run(cfg, out=out, quiet=True, on_stage=interrupt)
     prog = ResultsDir.open(out).progress()
-    assert prog["status"] == "incomplete" and "true" in prog["done"]
-    assert (out / "arrays" / "delta_h.npy").is_file()  # what finished is saved and valid
+    assert prog["status"] == "incomplete"
+    assert (out / "cache" / "true_sweep.pt").is_file()  # what finished is saved
+    assert not (out / "cache" / "influence.pt").exists()
 
-    calls = []
-    real_true = runner.delta_h_true_multi
-
-    def counting(*a: object, **k: object) -> object:
-        calls.append(1)
-        return real_true(*a, **k)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runner, "influence_matrix", real)
-    monkeypatch.setattr(runner, "delta_h_true_multi", counting)
-    runner.run(cfg, resume=out, quiet=True)
-    assert calls == []  # the η sweep was not redone
+    events: list[tuple[str, str]] = []
+    runner.run(cfg, resume=out, quiet=True, on_stage=lambda n, e: events.append((n, e)))
+    done = dict(e for e in events if e[1] != "start")
+    for finished in ("batches", "theta_stats", "directions", "first_order", "eta_grid", "true_sweep"):
+        assert done[finished] == "cached", finished  # not recomputed
+    assert done["influence"] == "computed" and done["proxy"] == "computed"
     assert ResultsDir.open(out).progress()["status"] == "complete"
     assert (out / "report.md").is_file()
+
+    # The interrupted-and-resumed run equals a straight run with the same config.
+    straight = runner.run(cfg, out=tmp_path / "straight", quiet=True)
+    assert compare_results(straight, out) == []
 
 
 def test_study_of_several_checkpoints(tmp_path: Path) -> None:

@@ -1,0 +1,142 @@
+"""One cache for every expensive stage of a run, so ``--resume`` redoes only unfinished stages.
+
+A stage's output is a frozen dataclass (or a tree of them) of tensors, arrays and plain values.
+It is saved to ``<run>/cache/<stage>.pt`` with ``torch.save`` and read back with
+``torch.load(weights_only=True)``: dataclasses are packed as ``{"__dc__": "module:Name", ...}``
+and only deltaH's own classes are rebuilt. Each entry carries its **key**: a hash of the part of
+the resolved config the stage reads, the checkpoint's fingerprint (file names, sizes and mtimes)
+and the keys of the stages it consumes. An entry whose key differs is a miss, never a wrong hit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FORMAT = 1
+
+
+def fingerprint(path: str | Path) -> str:
+    """A cheap identity of a checkpoint folder: every file's relative name, size and mtime."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    items = [
+        (str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in files
+    ]
+    return hashlib.sha256(json.dumps([str(p.resolve()), items]).encode()).hexdigest()[:16]
+
+
+def stage_key(name: str, config: Mapping[str, Any], upstream: Iterable[str] = ()) -> str:
+    """The key of stage ``name``: its config slice (JSON, sorted) and the keys it depends on."""
+    blob = json.dumps(
+        {"stage": name, "format": FORMAT, "config": config, "upstream": list(upstream)},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pack(x: Any) -> Any:
+    """A tree of deltaH dataclasses, tensors and arrays as plain containers ``weights_only`` can load."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        cls = type(x)
+        out: dict[str, Any] = {"__dc__": f"{cls.__module__}:{cls.__qualname__}"}
+        for f in dataclasses.fields(x):
+            if f.init:
+                out[f.name] = pack(getattr(x, f.name))
+        return out
+    if isinstance(x, np.ndarray):
+        return {"__np__": torch.from_numpy(np.ascontiguousarray(x))}
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, Mapping):
+        return {"__map__": [[pack(k), pack(v)] for k, v in x.items()]}
+    if isinstance(x, tuple):
+        return {"__tuple__": [pack(v) for v in x]}
+    if isinstance(x, list):
+        return [pack(v) for v in x]
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    raise TypeError(f"cache: cannot store a {type(x).__name__}")
+
+
+def unpack(x: Any) -> Any:
+    """Inverse of :func:`pack`; rebuilds only classes defined in the ``deltaH`` package."""
+    if isinstance(x, list):
+        return [unpack(v) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if "__np__" in x:
+        return x["__np__"].numpy()
+    if "__tuple__" in x:
+        return tuple(unpack(v) for v in x["__tuple__"])
+    if "__map__" in x:
+        return {unpack(k): unpack(v) for k, v in x["__map__"]}
+    mod, _, qual = x["__dc__"].partition(":")
+    if mod.split(".")[0] != "deltaH":
+        raise TypeError(f"cache: refusing to rebuild {x['__dc__']} (not a deltaH class)")
+    cls: Any = importlib.import_module(mod)
+    for part in qual.split("."):
+        cls = getattr(cls, part)
+    return cls(**{k: unpack(v) for k, v in x.items() if k != "__dc__"})
+
+
+class StageCache:
+    """Stage outputs of one run folder (``<run>/cache``); ``None`` folder = no caching."""
+
+    def __init__(self, folder: str | Path | None, on_stage: Callable[[str, str], None] | None = None):
+        self.folder = None if folder is None else Path(folder)
+        self.on_stage = on_stage
+        self.events: list[tuple[str, str]] = []
+
+    def _event(self, name: str, what: str) -> None:
+        self.events.append((name, what))
+        if self.on_stage is not None:
+            self.on_stage(name, what)
+
+    def get(self, name: str, key: str) -> Any | None:
+        if self.folder is None:
+            return None
+        path = self.folder / f"{name}.pt"
+        if not path.is_file():
+            return None
+        blob = torch.load(path, weights_only=True)
+        if blob.get("key") != key:
+            log.info("cache: %s is stale (its inputs changed); recomputing", name)
+            return None
+        return unpack(blob["value"])
+
+    def put(self, name: str, key: str, value: Any) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": key, "value": pack(value)}, tmp)
+        os.replace(tmp, path)
+
+    def stage(self, name: str, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per key: a cached value is returned as it was saved."""
+        self._event(name, "start")
+        hit = self.get(name, key)
+        if hit is not None:
+            log.info("%s: loaded from the run's cache", name)
+            self._event(name, "cached")
+            return hit  # type: ignore[no-any-return]
+        value = compute()
+        self.put(name, key, value)
+        self._event(name, "computed")
+        return value

@@ -1,0 +1,242 @@
+"""The orchestrator: a config and a checkpoint (or several) to a results folder.
+
+:func:`analyse_checkpoint` reads as the data flow of one checkpoint; every stage after loading
+goes through the run's :class:`~deltaH.runner.cache.StageCache`, keyed by the config slice it
+reads, so ``--resume`` recomputes only what did not finish.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaH.config import Config
+from deltaH.errors import ResumeError
+from deltaH.io.results import ResultsDir, to_jsonable
+from deltaH.runner import stages as st
+from deltaH.runner.cache import StageCache, fingerprint, stage_key
+from deltaH.runner.resume import check_same_results
+from deltaH.runner.summary import summarise
+from deltaH.runner.write import write_analyses, write_batches, write_summary_and_report, write_sweep
+
+log = logging.getLogger("deltaH.runner")
+OnStage = Callable[[str, str], None]
+
+# stage -> (config keys it reads, stages it consumes); the checkpoint's fingerprint enters "batches".
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "batches": (
+        ("checkpoint.base_model", "checkpoint.dtype", "data", "policy", "eval_batch", "update_batch", "seed"),
+        (),
+    ),
+    "theta_stats": ((), ("batches",)),
+    "directions": (("loss", "checkpoint.max_grad_norm", "eta.reference"), ("batches",)),
+    "first_order": (("analyses.entropy_mode",), ("directions", "theta_stats")),
+    "eta_grid": (("eta",), ("first_order",)),
+    "true_sweep": ((), ("eta_grid",)),
+    "second_order": ((), ("eta_grid",)),
+    "influence": ((), ("first_order",)),
+    "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
+    "proxy": ((), ("directions",)),
+    "diagnostics": ((), ("batches",)),
+}
+
+
+def _slice(cfg: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def stage_keys(cfg: Config, ckpt_fingerprint: str) -> dict[str, str]:
+    """Every stage's cache key (see :data:`STAGES`)."""
+    d = to_jsonable(cfg.to_dict())
+    keys: dict[str, str] = {}
+    for name, (reads, upstream) in STAGES.items():
+        conf = {k: _slice(d, k) for k in reads}
+        if name == "batches":
+            conf["checkpoint"] = ckpt_fingerprint
+        keys[name] = stage_key(name, conf, [keys[u] for u in upstream])
+    return keys
+
+
+def resolve_checkpoints(path: str | Sequence[str]) -> list[str]:
+    """``toy``, a folder, a list of folders, or a glob (sorted by the trailing step number)."""
+    if not isinstance(path, str):
+        return [p for item in path for p in resolve_checkpoints(item)]
+    if path == "toy":
+        from deltaH.toy import toy_checkpoint_path
+
+        return [str(toy_checkpoint_path())]
+    if any(ch in path for ch in "*?["):
+        hits = glob.glob(path)
+        if not hits:
+            raise _input_error(f"config key 'checkpoint.path': the glob {path!r} matches no folder")
+
+        def step(p: str) -> tuple[int, str]:
+            tail = Path(p).name.rsplit("-", 1)[-1]
+            return (int(tail) if tail.isdigit() else -1, p)
+
+        return sorted(hits, key=step)
+    if not Path(path).exists():
+        raise _input_error(f"config key 'checkpoint.path': {path!r} does not exist")
+    return [path]
+
+
+def _input_error(msg: str) -> Exception:
+    from deltaH.config import ConfigError
+
+    return ConfigError(msg)
+
+
+def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
+    """Checkpoint (model, tokenizer, AdamW state), prompts, reward and policy."""
+    from deltaH.functional import FunctionalLM
+    from deltaH.io.checkpoint import load_checkpoint
+    from deltaH.policy import SamplingPolicy
+    from deltaH.sampling.data import load_prompts
+    from deltaH.sampling.rewards import load_reward_fn
+
+    log.info("loading checkpoint %s", ckpt_path)
+    device = cfg.checkpoint.device
+    ckpt = load_checkpoint(
+        ckpt_path,
+        base_model=cfg.checkpoint.base_model,
+        dtype=None if cfg.checkpoint.dtype == "auto" else getattr(torch, cfg.checkpoint.dtype),
+        device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
+    )
+    if ckpt.optimizer_state is None:
+        raise _input_error(
+            f"checkpoint {ckpt_path} has no optimizer state (optimizer.pt): deltaH needs it to rebuild "
+            "the AdamW step; point checkpoint.path at a trainer checkpoint-N folder"
+        )
+    if ckpt.tokenizer is None:
+        raise _input_error(
+            f"checkpoint {ckpt_path} has no tokenizer files; save the tokenizer beside the model"
+        )
+    lm = FunctionalLM.from_model(ckpt.model)
+    data_path = cfg.data.path
+    if data_path == "toy":
+        from deltaH.toy import toy_prompts_path
+
+        data_path = str(toy_prompts_path())
+    records = load_prompts(
+        data_path,
+        prompt_field=cfg.data.prompt_field,
+        answer_field=cfg.data.answer_field,
+        id_field=cfg.data.id_field,
+        template=cfg.data.template,
+        system_prompt=cfg.data.system_prompt,
+        tokenizer=ckpt.tokenizer,
+        limit=cfg.data.limit,
+    )
+    return st.Inputs(
+        ckpt=ckpt,
+        lm=lm,
+        params=lm.params,
+        tokenizer=ckpt.tokenizer,
+        records=list(records),
+        reward_fn=load_reward_fn(cfg.data.reward),
+        policy=SamplingPolicy(cfg.policy.temperature, cfg.policy.top_p),
+        seeds=st.Seeds.of(cfg.seed),
+        quiet=quiet,
+    )
+
+
+def analyse_checkpoint(
+    cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool = False, on_stage: OnStage | None = None
+) -> dict[str, Any]:
+    """One checkpoint's analyses into ``rd``; returns the summary."""
+    t0, timings = time.perf_counter(), {}
+    torch.manual_seed(cfg.seed)
+    inp = load_inputs(cfg, ckpt_path, quiet)
+    timings["load"] = time.perf_counter() - t0
+    cache, keys = StageCache(rd.path / "cache", on_stage), stage_keys(cfg, fingerprint(ckpt_path))
+
+    def stage(name: str, fn: Callable[[], Any], enabled: bool = True) -> Any:
+        if not enabled:
+            return None
+        t = time.perf_counter()
+        out = cache.stage(name, keys[name], fn)
+        timings[name] = time.perf_counter() - t
+        return out
+
+    a = cfg.analyses
+    bt = stage("batches", lambda: st.build_batches(cfg, inp))
+    base = stage("theta_stats", lambda: st.theta_stats(cfg, inp, bt))
+    dr = stage("directions", lambda: st.directions(cfg, inp, bt))
+    fo = stage("first_order", lambda: st.first_order(cfg, inp, bt, dr, base))
+    grid = stage("eta_grid", lambda: st.eta_grid(cfg, inp, bt, dr, base, fo))
+    sw = stage("true_sweep", lambda: st.true_sweep(cfg, inp, bt, dr, base, grid))
+    so = stage("second_order", lambda: st.second_order(cfg, inp, bt, dr, base, grid), a.second_order)
+    inf = stage("influence", lambda: st.influence(cfg, inp, bt, dr, base), a.influence)
+    kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
+    px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy)
+    diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), cfg.output.detail == "debug")
+    timings["total"] = time.perf_counter() - t0
+
+    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings)
+    write_batches(rd, cfg, bt, base, diag)
+    write_sweep(rd, cfg, grid.etas, sw, fo.slope)
+    write_analyses(rd, inf, kern)
+    write_summary_and_report(rd, cfg, summary)
+    rd.mark_done("report")
+    return summary
+
+
+def _yaml(d: dict[str, Any]) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(to_jsonable(d), sort_keys=False))
+
+
+def open_results(cfg: Config, out: str | Path | None, resume: str | Path | None) -> ResultsDir:
+    """A new results folder (with the config saved), or the folder to resume after checking the
+    config leaves its results unchanged. ``config.yaml`` is written once, at creation."""
+    if resume is None:
+        rd = ResultsDir.create(cfg.output.dir, out)
+        rd.write_text("config.yaml", _yaml(cfg.to_dict()))
+        return rd
+    if out is not None:
+        raise ResumeError("--out cannot be combined with --resume: a resumed run continues in its own folder")
+    rd = ResultsDir.open(resume)
+    check_same_results(rd.path, cfg)
+    return rd
+
+
+def run(
+    cfg: Config,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    on_stage: OnStage | None = None,
+) -> Path:
+    """Run the plan of ``cfg``; returns the results folder. A complete run given to ``resume`` is
+    returned untouched. ``on_stage(name, event)`` sees each stage start and finish ("computed" or
+    "cached")."""
+    paths = resolve_checkpoints(cfg.checkpoint.path)
+    rd = open_results(cfg, out, resume)
+    if resume is not None and rd.progress().get("status") == "complete":
+        log.info("%s is already complete: nothing to do", rd.path)
+        return rd.path
+    rd.set_progress(status="running", error=None)
+    try:
+        if len(paths) == 1:
+            analyse_checkpoint(cfg, paths[0], rd, quiet, on_stage)
+        else:
+            from deltaH.runner.study import run_study
+
+            run_study(cfg, paths, rd, quiet, on_stage)
+    except KeyboardInterrupt:
+        rd.set_progress(status="incomplete", error="interrupted (Ctrl-C); continue with --resume")
+        raise
+    except Exception as exc:
+        rd.set_progress(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    rd.set_progress(status="complete", error=None)
+    return rd.path

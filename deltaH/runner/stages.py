@@ -1,0 +1,336 @@
+"""The stages of one run, each a function of the config and earlier stages' outputs.
+
+load inputs → batches → θ-side statistics → directions → first order (η = 1 slopes) → η grid →
+true sweep → second order → influence → kernel → proxy → token diagnostics. Every stage but
+the first returns a frozen dataclass that :mod:`deltaH.runner.cache` can store, so a resumed run
+reloads finished stages instead of recomputing them. The orchestrator is
+:func:`deltaH.runner.orchestrate.analyse_checkpoint`; the summary is built in :mod:`deltaH.runner.summary`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from deltaH.analysis import Trust, auto_grid, trust_range
+from deltaH.config import Config
+from deltaH.estimators.first_order import FirstOrder, delta_h_first_order
+from deltaH.estimators.influence import CovarianceProxy, Influence, covariance_proxy, influence_matrix
+from deltaH.estimators.kernel import fisher_kernel
+from deltaH.estimators.true import TrueDeltaH, base_stats, delta_h_true_multi
+from deltaH.functional import FunctionalLM
+from deltaH.policy import SamplingPolicy
+from deltaH.sampling.builders import EvalBatch, UpdateBatch
+from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
+from deltaH.updates.directions import UpdateDirections, update_directions
+
+PROBE_DECADES = (-6, -5, -4, -3, -2, -1, 0, 1, 2)
+SWEEP_FIELDS = ("delta_h", "delta_h_per_token", "ess", "khat", "logw_max", "logw_min", "retained_mass")
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Every random draw's seed, derived from ``config.seed``."""
+
+    seed: int
+    eval: int
+    update: int
+    kernel: int
+
+    @classmethod
+    def of(cls, seed: int) -> Seeds:
+        return cls(seed=seed, eval=seed * 1000 + 1, update=seed * 1000 + 2, kernel=seed * 1000 + 3)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the checkpoint, data and config provide (loaded every time; never cached)."""
+
+    ckpt: Any
+    lm: FunctionalLM
+    params: dict[str, Tensor]
+    tokenizer: Any
+    records: list[Any]
+    reward_fn: Callable[..., Any]
+    policy: SamplingPolicy
+    seeds: Seeds
+    quiet: bool
+
+    def kw(self, cfg: Config) -> dict[str, Any]:
+        """Keyword arguments shared by the ΔH estimators."""
+        return {
+            "lm": self.lm,
+            "policy": self.policy,
+            "tf_batch_size": cfg.compute.tf_batch_size,
+            "head_chunk": cfg.compute.head_chunk,
+            "dir_chunk": cfg.compute.dir_chunk,
+            "entropy_mode": cfg.analyses.entropy_mode,
+        }
+
+
+@dataclass(frozen=True)
+class Batches:
+    """E and U as drawn from ``q`` (with provenance)."""
+
+    eval: EvalBatch
+    update: UpdateBatch
+
+    @property
+    def n_resampled(self) -> int:
+        return int((self.update.resampled > 0).sum())
+
+    @property
+    def warnings(self) -> list[str]:
+        n = self.n_resampled
+        if not n:
+            return []
+        return [
+            f"{n} update group(s) had equal rewards and were re-sampled (U is conditioned on "
+            "non-degenerate groups, unlike the trainer)"
+        ]
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The AdamW step on U per unit lr, and the reference step size ``eta_ref``."""
+
+    update: UpdateDirections
+    eta_ref: float
+
+    @property
+    def stacked(self) -> dict[str, Tensor]:
+        return self.update.stacked()
+
+    @property
+    def warnings(self) -> list[str]:
+        if len(set(self.update.lr.values())) <= 1:
+            return []
+        return [
+            "parameter groups have different learning rates: directions are per unit of each "
+            f"group's lr and η_ref = {self.eta_ref:g} reproduces the real step only for that group"
+        ]
+
+
+@dataclass(frozen=True)
+class EtaGrid:
+    """The η values of the sweep; ``probe`` is the auto grid's probe (None for a given grid)."""
+
+    etas: list[float]
+    probe: Trust | None
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """True ΔH over the grid for the four decompositions: each field of :data:`SWEEP_FIELDS`
+    ``[n_eta, 4]``, ``per_sequence_full [n_eta, N_E]`` and the θ-side entropies."""
+
+    fields: dict[str, Tensor]
+    per_sequence_full: Tensor
+    h_orig: float
+    h_orig_per_token: float
+    khat_threshold: float
+
+
+@dataclass(frozen=True)
+class InfluencePair:
+    """True and first-order influence matrices at ``eta_ref``."""
+
+    true: Influence
+    first_order: Influence
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def build_batches(cfg: Config, inp: Inputs) -> Batches:
+    from deltaH.sampling.builders import build_eval_batch, build_update_batch
+
+    common: dict[str, Any] = {"policy": inp.policy, "max_new_tokens": cfg.policy.max_new_tokens}
+    ev = build_eval_batch(
+        inp.lm,
+        inp.params,
+        inp.records,
+        inp.tokenizer,
+        **common,
+        total_sequences=cfg.eval_batch.total_sequences,
+        group_size=cfg.eval_batch.group_size,
+        seed=inp.seeds.eval,
+    )
+    up = build_update_batch(
+        inp.lm,
+        inp.params,
+        inp.records,
+        inp.tokenizer,
+        inp.reward_fn,
+        **common,
+        n_prompts=cfg.update_batch.n_prompts,
+        group_size=cfg.update_batch.group_size,
+        seed=inp.seeds.update,
+        scale_rewards=cfg.update_batch.scale_rewards,  # type: ignore[arg-type]
+        max_resample_attempts=cfg.update_batch.max_resample_attempts,
+    )
+    return Batches(ev, up)
+
+
+def theta_stats(cfg: Config, inp: Inputs, bt: Batches) -> SequenceStats:
+    with torch.no_grad():
+        return base_stats(
+            inp.lm, inp.params, bt.eval.batch, inp.policy, cfg.compute.tf_batch_size, cfg.compute.head_chunk
+        )
+
+
+def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
+    ud = update_directions(
+        inp.lm,
+        inp.params,
+        bt.update.batch,
+        bt.update.advantages.double(),
+        inp.ckpt.optimizer_state,
+        loss_type=cfg.loss.type,
+        temperature=cfg.policy.temperature,
+        grad_accum_steps=cfg.loss.grad_accum_steps,
+        max_completion_length=cfg.loss.max_completion_length or cfg.policy.max_new_tokens,
+        max_grad_norm=cfg.checkpoint.max_grad_norm,
+        seq_chunk=cfg.compute.seq_chunk,
+    )
+    eta_ref = ud.lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
+    return Directions(ud, eta_ref)
+
+
+def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:
+    """δH₁ slopes (η = 1) of the four decompositions, with jackknife standard errors."""
+    return delta_h_first_order(
+        inp.params, dr.stacked, bt.eval.batch, eta=1.0, mode="forward", base=base, **inp.kw(cfg)
+    )
+
+
+def _sweep(
+    cfg: Config,
+    inp: Inputs,
+    bt: Batches,
+    base: SequenceStats,
+    etas: list[float],
+    dirs: Mapping[str, Tensor],
+    desc: str,
+) -> list[TrueDeltaH]:
+    return [
+        delta_h_true_multi(inp.params, dirs, bt.eval.batch, eta=e, base=base, **inp.kw(cfg))
+        for e in tqdm(etas, desc=desc, disable=inp.quiet, leave=False)
+    ]
+
+
+def eta_grid(
+    cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats, fo: FirstOrder
+) -> EtaGrid:
+    """The sweep's η values: the config's list, or (auto) the trustworthy range of a probe of the
+    full direction over decades around η_ref; η_ref always joins the grid."""
+    probe, warnings = None, []
+    if cfg.eta.grid == "auto":
+        probe_etas = [dr.eta_ref * 10.0**k for k in PROBE_DECADES]
+        res = _sweep(cfg, inp, bt, base, probe_etas, {n: d[:1] for n, d in dr.stacked.items()}, "η probe")
+        probe = trust_range(
+            probe_etas,
+            [float(r.delta_h[0]) for r in res],
+            float(fo.slope[0]),
+            [float(r.ess[0]) for r in res],
+            [float(r.khat[0]) for r in res],
+            [float(r.retained_mass[0]) for r in res],
+            len(bt.eval.batch),
+            res[0].khat_threshold,
+            check_retained=inp.policy.top_p < 1.0,
+        )
+        if math.isfinite(probe.eta_min):
+            etas = auto_grid(probe.eta_min, probe.eta_max, cfg.eta.n_points, dr.eta_ref)
+        else:
+            warnings.append("no η in the probe range was trustworthy; using the probe grid itself")
+            etas = probe_etas
+    else:
+        etas = sorted(float(e) for e in cfg.eta.grid)
+    if not any(math.isclose(e, dr.eta_ref, rel_tol=1e-9) for e in etas):
+        etas = sorted([*etas, dr.eta_ref])
+    return EtaGrid(etas, probe, warnings)
+
+
+def true_sweep(
+    cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats, grid: EtaGrid
+) -> Sweep:
+    res = _sweep(cfg, inp, bt, base, grid.etas, dr.stacked, "true ΔH")
+    return Sweep(
+        fields={k: torch.stack([getattr(r, k).double().cpu() for r in res]) for k in SWEEP_FIELDS},
+        per_sequence_full=torch.stack([r.per_sequence[0].double().cpu() for r in res]),
+        h_orig=float(res[0].h_orig),
+        h_orig_per_token=float(res[0].h_orig_per_token),
+        khat_threshold=float(res[0].khat_threshold),
+    )
+
+
+def second_order(
+    cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats, grid: EtaGrid
+) -> Tensor:
+    """½η²·d²ΔH/dη² along each decomposition ``[n_eta, 4]``."""
+    fo2 = delta_h_first_order(
+        inp.params,
+        dr.stacked,
+        bt.eval.batch,
+        eta=grid.etas,
+        mode="forward",
+        second_order=True,
+        base=base,
+        **inp.kw(cfg),
+    )
+    assert fo2.second_order is not None
+    return fo2.second_order.double().cpu()
+
+
+def influence(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> InfluencePair:
+    comps = dr.update.components
+    args = (inp.params, comps, bt.eval.batch)
+    return InfluencePair(
+        true=influence_matrix(*args, eta=dr.eta_ref, kind="true", base=base, **inp.kw(cfg)),
+        first_order=influence_matrix(*args, eta=dr.eta_ref, kind="first_order", base=base, **inp.kw(cfg)),
+    )
+
+
+def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> Tensor:
+    return fisher_kernel(
+        inp.lm,
+        inp.params,
+        bt.eval.batch,
+        bt.update.batch,
+        dr.update.precond,
+        policy=inp.policy,
+        method=cfg.analyses.kernel_method,
+        proj_dim=cfg.analyses.kernel_proj_dim,
+        seed=inp.seeds.kernel,
+        seq_chunk=cfg.compute.seq_chunk,
+    )
+
+
+def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovarianceProxy:
+    return covariance_proxy(
+        inp.lm,
+        inp.params,
+        bt.update.batch,
+        bt.update.advantages.double(),
+        temperature=cfg.policy.temperature,
+        eta=dr.eta_ref,
+    )
+
+
+def diagnostics(cfg: Config, inp: Inputs, bt: Batches) -> TokenDiagnostics:
+    """Per-token diagnostics of E at θ (``output.detail: debug``)."""
+    eos = getattr(inp.tokenizer, "eos_token_id", None)
+    eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+    return token_diagnostics(
+        inp.lm,
+        inp.params,
+        bt.eval.batch,
+        policy=inp.policy,
+        eos_token_ids=eos_ids,
+        tf_batch_size=cfg.compute.tf_batch_size,
+    )

@@ -1,0 +1,84 @@
+"""Write one checkpoint's results folder: batches, arrays, summary.json, plots and report.md.
+
+What each ``output.detail`` level writes is listed in ``docs/results-schema.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltaH.config import Config
+from deltaH.io.results import ResultsDir
+from deltaH.runner.stages import Batches, InfluencePair, Sweep
+from deltaH.runner.summary import to_np
+from deltaH.stats import SequenceStats, TokenDiagnostics
+from deltaH.updates.directions import DECOMPOSITIONS
+
+log = logging.getLogger(__name__)
+TOKEN_FIELDS = ("row", "position", "logq", "entropy", "top1", "nucleus", "eos")
+
+
+def write_batches(
+    rd: ResultsDir, cfg: Config, bt: Batches, base: SequenceStats, diag: TokenDiagnostics | None
+) -> None:
+    eval_rows = bt.eval.rows()
+    for r, lq, en in zip(eval_rows, base.logq.tolist(), base.entropy.tolist(), strict=True):
+        r.update(logq=lq, entropy=en)
+    if cfg.output.detail != "minimal":
+        rd.write_jsonl("batches/eval.jsonl", eval_rows)
+        rd.write_jsonl("batches/update.jsonl", bt.update.rows())
+    rd.save_array("eval_logq", base.logq, "log q of each evaluation sequence at θ [N_E]")
+    rd.save_array("eval_entropy", base.entropy, "RB entropy of each evaluation sequence at θ [N_E]")
+    rd.save_array("update_rewards", bt.update.rewards, "reward of each update sequence [N_U]")
+    rd.save_array("update_advantages", bt.update.advantages, "advantage of each update sequence [N_U]")
+    if diag is not None:
+        for name in TOKEN_FIELDS:
+            rd.save_array(
+                f"eval_token_{name}",
+                getattr(diag, name),
+                f"per scored evaluation token at θ: {name} [P] (see stats.TokenDiagnostics)",
+            )
+
+
+def write_sweep(rd: ResultsDir, cfg: Config, etas: list[float], sw: Sweep, slope: torch.Tensor) -> None:
+    eta = np.asarray(etas)
+    rd.save_array("eta", eta, "η grid [n_eta]")
+    rd.save_array("delta_h", to_np(sw.fields["delta_h"]), f"true ΔH [n_eta, 4] for {list(DECOMPOSITIONS)}")
+    rd.save_array("delta_h1", eta[:, None] * to_np(slope)[None, :], "first-order δH₁ [n_eta, 4]")
+    rd.save_array("ess", to_np(sw.fields["ess"]), "effective sample size [n_eta, 4]")
+    rd.save_array("khat", to_np(sw.fields["khat"]), "PSIS k̂ [n_eta, 4]")
+    if cfg.output.detail in ("detailed", "debug"):
+        rd.save_array(
+            "per_sequence_full",
+            to_np(sw.per_sequence_full),
+            "per-evaluation-sequence contributions c_n to ΔH along the full update [n_eta, N_E]",
+        )
+
+
+def write_analyses(rd: ResultsDir, inf: InfluencePair | None, kern: torch.Tensor | None) -> None:
+    if inf is not None:
+        rd.save_array("influence_true", inf.true.matrix, "true influence M[n, i] at η_ref [N_E, N_U]")
+        rd.save_array("influence_first_order", inf.first_order.matrix, "first-order influence [N_E, N_U]")
+    if kern is not None:
+        rd.save_array("kernel", kern, "cross Fisher kernel K[t, i] [N_E, N_U]")
+
+
+def write_summary_and_report(rd: ResultsDir, cfg: Config, summary: dict[str, Any]) -> None:
+    """summary.json, then the plots (optional) and report.md that are made from it."""
+    rd.write_json("summary.json", summary, gzip_large=True)
+    plots = []
+    if cfg.output.plots:
+        try:
+            from deltaH.io.plots import make_plots
+
+            plots = make_plots(summary, rd.load_arrays(), rd.path / "plots")
+        except ImportError as exc:
+            summary["warnings"].append(f"plots skipped: {exc}")
+            rd.write_json("summary.json", summary, gzip_large=True)
+    from deltaH.io.report import write_report
+
+    write_report(summary, rd.path, plots)

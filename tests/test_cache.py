@@ -1,0 +1,81 @@
+"""The run's stage cache: exact round trips, keys that miss when inputs change, safe loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deltaH.batch import SequenceBatch
+from deltaH.io.compare import compare_results
+from deltaH.io.results import ResultsDir
+from deltaH.policy import SamplingPolicy
+from deltaH.runner.cache import StageCache, fingerprint, pack, stage_key, unpack
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    ids = torch.tensor([[1, 2, 3, 0]])
+    value = {
+        "batch": SequenceBatch(ids, torch.tensor([[1, 1, 1, 0]]), torch.tensor([[0, 1, 1, 0]]).bool()),
+        "policy": SamplingPolicy(0.7, 0.9),
+        "x": torch.randn(3, dtype=torch.float64),
+        "np": np.array([1.5, np.nan]),
+        "t": (1, "a", None, 2.5),
+        "nested": [{"k": float("inf")}],
+    }
+    cache = StageCache(tmp_path)
+    cache.put("s", "k1", value)
+    back = cache.get("s", "k1")
+    assert isinstance(back["batch"], SequenceBatch) and torch.equal(back["batch"].input_ids, ids)
+    assert back["policy"] == SamplingPolicy(0.7, 0.9)
+    assert torch.equal(back["x"], value["x"]) and back["x"].dtype == torch.float64
+    np.testing.assert_array_equal(back["np"], value["np"])
+    assert back["t"] == (1, "a", None, 2.5) and back["nested"] == [{"k": float("inf")}]
+
+
+def test_a_changed_key_is_a_miss_and_the_value_is_recomputed(tmp_path: Path) -> None:
+    cache = StageCache(tmp_path)
+    calls: list[int] = []
+    k1 = stage_key("s", {"policy": {"top_p": 1.0}})
+    k2 = stage_key("s", {"policy": {"top_p": 0.9}})
+    assert k1 != k2 and k1 == stage_key("s", {"policy": {"top_p": 1.0}})
+    assert stage_key("t", {}, [k1]) != stage_key("t", {}, [k2])  # upstream keys propagate
+    assert cache.stage("s", k1, lambda: calls.append(1) or 1) == 1
+    assert cache.stage("s", k1, lambda: calls.append(1) or 1) == 1
+    assert cache.stage("s", k2, lambda: calls.append(1) or 2) == 2
+    assert len(calls) == 2 and [e for _, e in cache.events if e != "start"] == [
+        "computed",
+        "cached",
+        "computed",
+    ]
+
+
+def test_fingerprint_follows_the_checkpoint_files(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"12345")
+    f1 = fingerprint(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"123456")
+    assert fingerprint(tmp_path) != f1
+
+
+def test_only_deltaH_classes_are_rebuilt() -> None:
+    with pytest.raises(TypeError, match="not a deltaH class"):
+        unpack({"__dc__": "subprocess:Popen", "args": ["true"]})
+    with pytest.raises(TypeError, match="cannot store"):
+        pack(object())
+
+
+def test_compare_results_finds_a_difference(tmp_path: Path) -> None:
+    a, b = ResultsDir.create(tmp_path, tmp_path / "a"), ResultsDir.create(tmp_path, tmp_path / "b")
+    for rd, v in ((a, 1.0), (b, 1.0)):
+        rd.write_json("summary.json", {"h_orig": 2.0, "timings": {"x": v}})
+        rd.save_array("delta_h", np.array([1.0, 2.0]), "d")
+    assert compare_results(a.path, b.path) == []
+    b.save_array("delta_h", np.array([1.0, np.nextafter(2.0, 3.0)]), "d")  # one ulp
+    b.write_json("summary.json", {"h_orig": 2.5, "timings": {"x": 9.0}})
+    diffs = compare_results(a.path, b.path)
+    assert any("arrays/delta_h" in d for d in diffs) and any(d.startswith("h_orig") for d in diffs)
+    assert not any("timings" in d for d in diffs)
+    assert json.loads((a.path / "summary.json").read_text())["h_orig"] == 2.0
