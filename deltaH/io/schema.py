@@ -1,0 +1,255 @@
+"""The typed results schema: what ``summary.json`` holds, as frozen dataclasses.
+
+The runner builds a :class:`RunSummary`; :meth:`RunSummary.to_json` gives the plain JSON layout
+of ``summary.json`` (NaN and inf become ``null``) and :meth:`RunSummary.from_json` reads it back,
+so plots, the report and ``deltah inspect`` use attributes, not string keys.
+``docs/results-schema.md`` is generated from the ``help`` metadata below by
+:func:`describe_results` (``python -m deltaH.io.schema > docs/results-schema.md``); a test keeps
+it current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union
+
+T = TypeVar("T")
+
+
+def _f(help: str, default: Any = dataclasses.MISSING) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class FirstOrderLine:
+    slope: float = _f("dΔH/dη at η = 0 (δH₁ = η·slope), forward mode")
+    stderr_slope: float = _f("jackknife standard error of the slope over evaluation sequences")
+    delta_h: list[float] = _f("δH₁ at each η of the grid [n_eta]")
+
+
+@dataclass(frozen=True)
+class LineFit:
+    slope_origin: float = _f("least-squares slope of ΔH vs η through the origin (trusted η only)")
+    r2_origin: float = _f("R² of the line through the origin")
+    slope: float = _f("slope of the line with intercept")
+    intercept: float = _f("intercept of that line")
+    r2: float = _f("R² of the line with intercept")
+    loglog_slope: float = _f("slope of log|ΔH| vs log η (1 = linear; null when ΔH changes sign)")
+    n_points: int = _f("number of trusted η the fits used")
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    delta_h: list[float] = _f("true ΔH (SNIS) at each η [n_eta], nats per sequence")
+    delta_h_per_token: list[float] = _f("the per-token variant of ΔH [n_eta]")
+    ess: list[float] = _f("effective sample size of the importance weights [n_eta]")
+    khat: list[float | None] = _f("PSIS k̂ of the weights [n_eta] (null: equal weights)")
+    logw_max: list[float] = _f("largest log importance weight [n_eta]")
+    logw_min: list[float] = _f("smallest log importance weight [n_eta]")
+    retained_mass: list[float] = _f("mean unnormalised weight: estimate of q_θ' mass on q_θ's nuclei [n_eta]")
+    first_order: FirstOrderLine | None = _f("δH₁ beside ΔH (null: analyses.first_order off)")
+    second_order: list[float] | None = _f("½η²·d²ΔH/dη² [n_eta] (null: analyses.second_order off)")
+    fit: LineFit = _f("lines through the trusted part of the sweep")
+
+
+@dataclass(frozen=True)
+class TrustInfo:
+    eta_min: float = _f("smallest trusted η (null: none trusted)")
+    eta_max: float = _f("largest trusted η")
+    precision_floor: float = _f("η below which ΔH stops following δH₁ (null: no floor found)")
+    khat_threshold: float = _f("PSIS k̂ threshold for this N: min(1 − 1/log10 N, 0.7)")
+    trusted: list[bool] = _f("per η of the grid: is ΔH of the full update trustworthy there [n_eta]")
+    notes: list[str] = _f("why η values were not trusted")
+
+
+@dataclass(frozen=True)
+class TopUpdate:
+    row: int = _f("row of the update sequence in batches/update.jsonl")
+    delta_h: float = _f("true ΔH along its component ĉ_i at η_ref (column sum of the influence matrix)")
+    reward: float = _f("its reward")
+    advantage: float = _f("its advantage")
+    prompt: str | None = _f("its prompt text")
+    response: str | None = _f("its response text")
+
+
+@dataclass(frozen=True)
+class TopEval:
+    row: int = _f("row of the evaluation sequence in batches/eval.jsonl")
+    delta_h: float = _f("its total contribution to ΔH over all components (row sum)")
+
+
+@dataclass(frozen=True)
+class InfluenceInfo:
+    eta: float = _f("η of the influence matrices (eta.reference)")
+    kind: list[str] = _f('the matrices saved: ["true", "first_order"]')
+    column_delta_h: list[float] = _f("true ΔH along each update sequence's component [N_U]")
+    column_delta_h1: list[float] = _f("δH₁ along each component [N_U]")
+    top_update: list[TopUpdate] = _f("the 10 update sequences with the largest |ΔH|")
+    top_eval: list[TopEval] = _f("the 10 evaluation sequences with the largest |row sum|")
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    method: str = _f("exact | projection")
+    mean_same: float = _f("mean kernel entry over same-prompt (E, U) pairs (null: no such pair)")
+    mean_diff: float = _f("mean over different-prompt pairs")
+    abs_same: float = _f("mean |entry| over same-prompt pairs")
+    abs_diff: float = _f("mean |entry| over different-prompt pairs")
+    n_same: int = _f("number of same-prompt pairs")
+    n_diff: int = _f("number of different-prompt pairs")
+
+
+@dataclass(frozen=True)
+class ProxyInfo:
+    cov: float = _f("token-level Cov(log π(y_t), A) on U (Cui et al. 2025)")
+    delta_h_per_token: float = _f("the proxy's ΔH per token at η: −η·cov")
+    delta_h_per_sequence: float = _f("per sequence: −η·cov·mean response length")
+    mean_response_tokens: float = _f("mean response length of U")
+    eta: float = _f("η of the proxy (eta.reference)")
+
+
+@dataclass(frozen=True)
+class EvalBatchInfo:
+    n: int = _f("number of evaluation sequences N_E")
+    n_prompts: int = _f("distinct prompts among them")
+    group_size: int = _f("responses per prompt")
+    mean_tokens: float = _f("mean scored tokens per sequence")
+
+
+@dataclass(frozen=True)
+class UpdateBatchInfo:
+    n: int = _f("number of update sequences N_U")
+    n_prompts: int = _f("prompts B")
+    group_size: int = _f("responses per prompt G")
+    mean_tokens: float = _f("mean response tokens")
+    mean_reward: float = _f("mean reward")
+    resampled_groups: int = _f("groups with all-equal rewards that were redrawn")
+
+
+@dataclass(frozen=True)
+class BatchesInfo:
+    eval: EvalBatchInfo = _f("E, the evaluation batch")
+    update: UpdateBatchInfo = _f("U, the update batch")
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    loss_type: str = _f("the RL loss normalisation (loss.type)")
+    lr_ref: float = _f("the learning rate of the next step (η = lr_ref reproduces it)")
+    clip_coef: float = _f("gradient-clipping factor applied: min(1, max_norm / (‖g‖ + 1e-6))")
+    grad_norm: float = _f("norm of the full-batch gradient before clipping")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    deltah_version: str = _f("deltaH version that wrote the folder")
+    created: str = _f("local time the summary was written (ISO 8601)")
+    git_revision: str | None = _f("commit of the deltaH source, when it is a git checkout")
+    versions: dict[str, str] = _f("python, torch, transformers, peft and deltaH versions")
+    status: str = _f("complete")
+    config: dict[str, Any] = _f("the resolved config (as config.yaml)")
+    seeds: dict[str, int] = _f("seed of each random draw: seed, eval, update, kernel")
+    timings: dict[str, float] = _f("seconds per stage, and total")
+    checkpoint: dict[str, Any] = _f("the checkpoint: path, kind, global_step, lr, dtype, adapters, optimizer")
+    batches: BatchesInfo = _f("sizes of E and U")
+    update: UpdateInfo = _f("the reconstructed AdamW step")
+    h_orig: float = _f("entropy at θ, mean over E, nats per sequence")
+    h_orig_per_token: float = _f("entropy at θ per token")
+    entropy_mode: str = _f("rb (Rao-Blackwellised) | naive (surprisal)")
+    eta: list[float] = _f("the η grid [n_eta]")
+    eta_reference: float = _f("η of the influence matrix, proxy and fits")
+    decompositions: dict[str, Decomposition] = _f("full, baseline, grad, baseline+grad")
+    trust: TrustInfo = _f("which η of the sweep are trustworthy, and why not")
+    influence: InfluenceInfo | None = _f("null: analyses.influence off")
+    kernel: KernelInfo | None = _f("null: analyses.kernel off")
+    proxy: ProxyInfo | None = _f("null: analyses.proxy off")
+    warnings: list[str] = _f("everything the reader should know before trusting a number")
+
+    def to_json(self) -> dict[str, Any]:
+        """The plain JSON layout of ``summary.json`` (NaN and inf as ``null``)."""
+        from deltaH.io.results import to_jsonable
+
+        return typing.cast(dict[str, Any], to_jsonable(_plain(self)))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunSummary:
+        """Read a ``summary.json`` (``null`` floats become NaN); unknown keys are ignored."""
+        return typing.cast(RunSummary, _build(cls, d))
+
+
+def _plain(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(tp: Any, v: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], v)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        return typing.cast(Any, tp)(**{k: _build(hints[k], v.get(k)) for k in names})
+    if origin is list:
+        return [_build(args[0], x) for x in (v or [])]
+    if origin is dict:
+        return {k: _build(args[1], x) for k, x in (v or {}).items()}
+    if tp is float:
+        return math.nan if v is None else float(v)
+    return v
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _rows(cls: Any, prefix: str, seen: set[Any]) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    rows: list[str] = []
+    nested: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        cells = (f"`{prefix}{f.name}`", f"`{_type_name(tp)}`", f.metadata.get("help", ""))
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        for a in (tp, *typing.get_args(tp)):
+            inner = typing.get_args(a)[-1] if typing.get_origin(a) in (list, dict) else a
+            if dataclasses.is_dataclass(inner) and inner not in seen:
+                sep = {list: "[].", dict: ".<name>."}.get(typing.get_origin(a), ".")
+                nested.append((f"{prefix}{f.name}{sep}", inner))
+    for p, c in nested:
+        seen.add(c)
+        rows.extend(_rows(c, p, seen))
+    return rows
+
+
+def describe_results() -> str:
+    """The ``summary.json`` table of ``docs/results-schema.md``, generated from :class:`RunSummary`."""
+    lines = ["| key | type | meaning |", "| --- | --- | --- |", *_rows(RunSummary, "", set())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(describe_results(), end="")
