@@ -19,6 +19,7 @@ import torch
 from deltaH.config import Config
 from deltaH.errors import ResumeError
 from deltaH.io.results import ResultsDir, to_jsonable
+from deltaH.io.schema import RunSummary
 from deltaH.runner import stages as st
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
 from deltaH.runner.resume import check_same_results
@@ -150,7 +151,7 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
 
 def analyse_checkpoint(
     cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool = False, on_stage: OnStage | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """One checkpoint's analyses into ``rd``; returns the summary."""
     t0, timings = time.perf_counter(), {}
     torch.manual_seed(cfg.seed)

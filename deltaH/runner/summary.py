@@ -18,6 +18,7 @@ from deltaH.config import Config
 from deltaH.estimators.first_order import FirstOrder
 from deltaH.estimators.influence import CovarianceProxy
 from deltaH.estimators.kernel import kernel_summary
+from deltaH.io import schema as sc
 from deltaH.io.results import to_jsonable
 from deltaH.runner.stages import Batches, Directions, EtaGrid, InfluencePair, Inputs, Sweep
 from deltaH.updates.directions import DECOMPOSITIONS
@@ -79,69 +80,69 @@ def full_trust(sw: Sweep, fo: FirstOrder, etas: list[float], n_eval: int, check_
 
 def decompositions(
     cfg: Config, sw: Sweep, fo: FirstOrder, so: torch.Tensor | None, etas: list[float], trusted: list[bool]
-) -> dict[str, Any]:
+) -> dict[str, sc.Decomposition]:
     f = {k: to_np(v) for k, v in sw.fields.items()}
     slope = to_np(fo.slope)
     se = to_np(fo.stderr) if fo.stderr is not None else np.full_like(slope, np.nan)
     eta = np.asarray(etas)
-    out: dict[str, Any] = {}
+    out = {}
     for j, name in enumerate(DECOMPOSITIONS):
-        first = {"slope": float(slope[j]), "stderr_slope": float(se[j]), "delta_h": (eta * slope[j]).tolist()}
-        out[name] = {
+        first = sc.FirstOrderLine(float(slope[j]), float(se[j]), (eta * slope[j]).tolist())
+        out[name] = sc.Decomposition(
             **{k: f[k][:, j].tolist() for k in f},
-            "first_order": first if cfg.analyses.first_order else None,
-            "second_order": None if so is None else to_np(so)[:, j].tolist(),
-            "fit": linear_fits(etas, f["delta_h"][:, j], trusted),
-        }
+            first_order=first if cfg.analyses.first_order else None,
+            second_order=None if so is None else to_np(so)[:, j].tolist(),
+            fit=sc.LineFit(**linear_fits(etas, f["delta_h"][:, j], trusted)),  # type: ignore[arg-type]
+        )
     return out
 
 
-def influence_summary(inf: InfluencePair | None, bt: Batches) -> dict[str, Any] | None:
+def influence_summary(inf: InfluencePair | None, bt: Batches) -> sc.InfluenceInfo | None:
     if inf is None:
         return None
     col = to_np(inf.true.column_delta_h)
     row_sums = to_np(inf.true.matrix).sum(1)
     up, rows_u = bt.update, bt.update.rows()
-    return {
-        "eta": inf.true.eta,
-        "kind": ["true", "first_order"],
-        "column_delta_h": col.tolist(),
-        "column_delta_h1": to_np(inf.first_order.column_delta_h).tolist(),
-        "top_update": [
-            {
-                "row": int(i),
-                "delta_h": float(col[i]),
-                "reward": float(up.rewards[i]),
-                "advantage": float(up.advantages[i]),
-                "prompt": rows_u[i].get("prompt"),
-                "response": rows_u[i].get("response"),
-            }
-            for i in np.argsort(-np.abs(col))[:10]
-        ],
-        "top_eval": [
-            {"row": int(i), "delta_h": float(row_sums[i])} for i in np.argsort(-np.abs(row_sums))[:10]
-        ],
-    }
+    top_u = [
+        sc.TopUpdate(
+            int(i),
+            float(col[i]),
+            float(up.rewards[i]),
+            float(up.advantages[i]),
+            rows_u[i].get("prompt"),
+            rows_u[i].get("response"),
+        )
+        for i in np.argsort(-np.abs(col))[:10]
+    ]
+    top_e = [sc.TopEval(int(i), float(row_sums[i])) for i in np.argsort(-np.abs(row_sums))[:10]]
+    return sc.InfluenceInfo(
+        inf.true.eta,
+        ["true", "first_order"],
+        col.tolist(),
+        to_np(inf.first_order.column_delta_h).tolist(),
+        top_u,
+        top_e,
+    )
 
 
-def batches_summary(cfg: Config, bt: Batches) -> dict[str, Any]:
+def batches_summary(cfg: Config, bt: Batches) -> sc.BatchesInfo:
     ev, up = bt.eval, bt.update
-    return {
-        "eval": {
-            "n": len(ev),
-            "n_prompts": int(ev.prompt_index.unique().numel()),
-            "group_size": ev.group_size,
-            "mean_tokens": float(ev.batch.n_tokens.double().mean()),
-        },
-        "update": {
-            "n": len(up),
-            "n_prompts": cfg.update_batch.n_prompts,
-            "group_size": up.group_size,
-            "mean_tokens": float(up.batch.n_tokens.double().mean()),
-            "mean_reward": float(up.rewards.double().mean()),
-            "resampled_groups": bt.n_resampled,
-        },
-    }
+    return sc.BatchesInfo(
+        eval=sc.EvalBatchInfo(
+            len(ev),
+            int(ev.prompt_index.unique().numel()),
+            ev.group_size,
+            float(ev.batch.n_tokens.double().mean()),
+        ),
+        update=sc.UpdateBatchInfo(
+            len(up),
+            cfg.update_batch.n_prompts,
+            up.group_size,
+            float(up.batch.n_tokens.double().mean()),
+            float(up.rewards.double().mean()),
+            bt.n_resampled,
+        ),
+    )
 
 
 def checkpoint_summary(inp: Inputs) -> dict[str, Any]:
@@ -154,6 +155,16 @@ def checkpoint_summary(inp: Inputs) -> dict[str, Any]:
         "n_trainable": int(sum(p.numel() for p in inp.params.values())),
         "dtype": str(inp.lm.dtype).replace("torch.", ""),
     }
+
+
+def warnings_of(bt: Batches, dr: Directions, grid: EtaGrid, tr: Trust) -> list[str]:
+    out = [*bt.warnings, *dr.warnings, *grid.warnings]
+    if not tr.trusted[ref_index(grid.etas, dr.eta_ref)]:
+        out.append(
+            f"the reference η = {dr.eta_ref:.3g} is outside the trustworthy range "
+            f"[{tr.eta_min:.3g}, {tr.eta_max:.3g}]: treat ΔH there with care"
+        )
+    return out + tr.notes
 
 
 def summarise(
@@ -169,54 +180,38 @@ def summarise(
     kern: torch.Tensor | None,
     px: CovarianceProxy | None,
     timings: dict[str, float],
-) -> dict[str, Any]:
-    """The summary.json of one checkpoint."""
-    etas, n_eval = grid.etas, len(bt.eval.batch)
-    tr = full_trust(sw, fo, etas, n_eval, inp.policy.top_p < 1.0)
-    warnings = [*bt.warnings, *dr.warnings, *grid.warnings]
-    if not tr.trusted[ref_index(etas, dr.eta_ref)]:
-        warnings.append(
-            f"the reference η = {dr.eta_ref:.3g} is outside the trustworthy range "
-            f"[{tr.eta_min:.3g}, {tr.eta_max:.3g}]: treat ΔH there with care"
-        )
+) -> sc.RunSummary:
+    """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
+    etas = grid.etas
+    tr = full_trust(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0)
     ud = dr.update
     kernel = None
     if kern is not None:
         ks = kernel_summary(kern, bt.eval.prompt_index, bt.update.prompt_index)
-        kernel = {"method": cfg.analyses.kernel_method, **ks.__dict__}
-    return {
-        "deltah_version": deltaH.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "git_revision": git_revision(),
-        "versions": versions(),
-        "status": "complete",
-        "config": cfg.to_dict(),
-        "seeds": inp.seeds.__dict__,
-        "timings": timings,
-        "checkpoint": checkpoint_summary(inp),
-        "batches": batches_summary(cfg, bt),
-        "update": {
-            "loss_type": cfg.loss.type,
-            "lr_ref": ud.lr_ref,
-            "clip_coef": ud.clip_coef,
-            "grad_norm": ud.grad_norm,
-        },
-        "h_orig": sw.h_orig,
-        "h_orig_per_token": sw.h_orig_per_token,
-        "entropy_mode": cfg.analyses.entropy_mode,
-        "eta": etas,
-        "eta_reference": dr.eta_ref,
-        "decompositions": decompositions(cfg, sw, fo, so, etas, tr.trusted),
-        "trust": {
-            "eta_min": tr.eta_min,
-            "eta_max": tr.eta_max,
-            "precision_floor": tr.precision_floor,
-            "khat_threshold": sw.khat_threshold,
-            "trusted": tr.trusted,
-            "notes": tr.notes,
-        },
-        "influence": influence_summary(inf, bt),
-        "kernel": kernel,
-        "proxy": None if px is None else dict(px.__dict__),
-        "warnings": warnings + tr.notes,
-    }
+        kernel = sc.KernelInfo(method=cfg.analyses.kernel_method, **ks.__dict__)
+    return sc.RunSummary(
+        deltah_version=deltaH.__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        git_revision=git_revision(),
+        versions=versions(),
+        status="complete",
+        config=cfg.to_dict(),
+        seeds=dict(inp.seeds.__dict__),
+        timings=timings,
+        checkpoint=checkpoint_summary(inp),
+        batches=batches_summary(cfg, bt),
+        update=sc.UpdateInfo(cfg.loss.type, ud.lr_ref, ud.clip_coef, ud.grad_norm),
+        h_orig=sw.h_orig,
+        h_orig_per_token=sw.h_orig_per_token,
+        entropy_mode=cfg.analyses.entropy_mode,
+        eta=etas,
+        eta_reference=dr.eta_ref,
+        decompositions=decompositions(cfg, sw, fo, so, etas, tr.trusted),
+        trust=sc.TrustInfo(
+            tr.eta_min, tr.eta_max, tr.precision_floor, sw.khat_threshold, tr.trusted, tr.notes
+        ),
+        influence=influence_summary(inf, bt),
+        kernel=kernel,
+        proxy=None if px is None else sc.ProxyInfo(**px.__dict__),
+        warnings=warnings_of(bt, dr, grid, tr),
+    )

@@ -6,13 +6,13 @@ What each ``output.detail`` level writes is listed in ``docs/results-schema.md``
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
 
 from deltaH.config import Config
 from deltaH.io.results import ResultsDir
+from deltaH.io.schema import RunSummary
 from deltaH.runner.stages import Batches, InfluencePair, Sweep
 from deltaH.runner.summary import to_np
 from deltaH.stats import SequenceStats, TokenDiagnostics
@@ -67,18 +67,18 @@ def write_analyses(rd: ResultsDir, inf: InfluencePair | None, kern: torch.Tensor
         rd.save_array("kernel", kern, "cross Fisher kernel K[t, i] [N_E, N_U]")
 
 
-def write_summary_and_report(rd: ResultsDir, cfg: Config, summary: dict[str, Any]) -> None:
+def write_summary_and_report(rd: ResultsDir, cfg: Config, summary: RunSummary) -> None:
     """summary.json, then the plots (optional) and report.md that are made from it."""
-    rd.write_json("summary.json", summary, gzip_large=True)
+    data = summary.to_json()
     plots = []
     if cfg.output.plots:
         try:
             from deltaH.io.plots import make_plots
 
-            plots = make_plots(summary, rd.load_arrays(), rd.path / "plots")
+            plots = make_plots(data, rd.load_arrays(), rd.path / "plots")
         except ImportError as exc:
-            summary["warnings"].append(f"plots skipped: {exc}")
-            rd.write_json("summary.json", summary, gzip_large=True)
+            data["warnings"].append(f"plots skipped: {exc}")
+    rd.write_json("summary.json", data, gzip_large=True)
     from deltaH.io.report import write_report
 
-    write_report(summary, rd.path, plots)
+    write_report(data, rd.path, plots)
