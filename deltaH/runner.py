@@ -29,22 +29,20 @@ from tqdm.auto import tqdm
 import deltaH
 from deltaH.analysis import auto_grid, linear_fits, trust_range
 from deltaH.config import Config
+from deltaH.errors import CheckpointError, ConfigError
 from deltaH.estimators.first_order import delta_h_first_order
 from deltaH.estimators.influence import covariance_proxy, influence_matrix
 from deltaH.estimators.kernel import fisher_kernel, kernel_summary
 from deltaH.estimators.true import base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
-from deltaH.io.results import ResultsDir, to_jsonable
+from deltaH.io.results import ResultsDir, run_guard, to_jsonable
 from deltaH.policy import SamplingPolicy
+from deltaH.preflight import preflight
 from deltaH.stats import token_diagnostics
 from deltaH.updates.directions import DECOMPOSITIONS, update_directions
 
 log = logging.getLogger(__name__)
 PROBE_DECADES = (-6, -5, -4, -3, -2, -1, 0, 1, 2)
-
-
-class UserError(ValueError):
-    """Bad input found by the runner (missing files, a checkpoint without optimizer state, ...)."""
 
 
 @dataclass
@@ -80,7 +78,9 @@ def resolve_checkpoints(path: str | Sequence[str]) -> list[str]:
     if any(ch in path for ch in "*?["):
         hits = glob.glob(path)
         if not hits:
-            raise UserError(f"config key 'checkpoint.path': the glob {path!r} matches no folder")
+            raise ConfigError(
+                f"config key 'checkpoint.path': the glob {path!r} matches no folder", "checkpoint.path"
+            )
 
         def step(p: str) -> tuple[int, str]:
             tail = Path(p).name.rsplit("-", 1)[-1]
@@ -88,7 +88,7 @@ def resolve_checkpoints(path: str | Sequence[str]) -> list[str]:
 
         return sorted(hits, key=step)
     if not Path(path).exists():
-        raise UserError(f"config key 'checkpoint.path': {path!r} does not exist")
+        raise ConfigError(f"config key 'checkpoint.path': {path!r} does not exist", "checkpoint.path")
     return [path]
 
 
@@ -134,22 +134,17 @@ def run(
 ) -> Path:
     """Run the plan of ``cfg``; returns the results folder."""
     paths = resolve_checkpoints(cfg.checkpoint.path)
+    preflight(cfg, paths)  # bad input fails here, before a results folder exists
     if resume is not None:
         rd = ResultsDir.open(resume)
     else:
         rd = ResultsDir.create(cfg.output.dir, out)
     rd.write_text("config.yaml", _yaml(cfg.to_dict()))
-    try:
+    with run_guard(rd):  # run.log, status on failure, removal of a folder a failed run left empty
         if len(paths) == 1:
             _run_one(cfg, paths[0], rd, quiet)
         else:
             _run_study(cfg, paths, rd, quiet)
-    except KeyboardInterrupt:
-        rd.set_progress(status="incomplete", error="interrupted (Ctrl-C); continue with --resume")
-        raise
-    except Exception as exc:
-        rd.set_progress(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
     rd.set_progress(status="complete", error=None)
     return rd.path
 
@@ -227,13 +222,13 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             device=_device(cfg.checkpoint.device),
         )
         if ckpt.optimizer_state is None:
-            raise UserError(
+            raise CheckpointError(
                 f"checkpoint {ckpt_path} has no optimizer state (optimizer.pt): deltaH needs it to rebuild "
                 "the AdamW step; point checkpoint.path at a trainer checkpoint-N folder"
             )
         tok = ckpt.tokenizer
         if tok is None:
-            raise UserError(
+            raise CheckpointError(
                 f"checkpoint {ckpt_path} has no tokenizer files; save the tokenizer beside the model"
             )
         lm = FunctionalLM.from_model(ckpt.model)
