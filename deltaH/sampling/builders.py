@@ -322,7 +322,7 @@ def _encode(
         if not ids:
             raise DataError(
                 f"record {records[i].id!r}: the prompt encodes to no tokens; the sampler needs at least "
-                "one (fix the prompt, or pass add_special_tokens=True to prepend BOS)"
+                "one (fix the prompt in the data file, data.path; API: add_special_tokens=True prepends BOS)"
             )
         if max(ids) >= lm.vocab_size:
             raise CheckpointError(
