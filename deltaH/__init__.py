@@ -36,6 +36,18 @@ _EXPORTS = {
     "influence_matrix": "deltaH.estimators.influence",
     "covariance_proxy": "deltaH.estimators.influence",
     "fisher_kernel": "deltaH.estimators.kernel",
+    "ArgumentError": "deltaH.errors",
+    "BatchError": "deltaH.errors",
+    "CheckpointError": "deltaH.errors",
+    "ConfigError": "deltaH.errors",
+    "DataError": "deltaH.errors",
+    "DeltaHError": "deltaH.errors",
+    "DeviceError": "deltaH.errors",
+    "NotFoundError": "deltaH.errors",
+    "OutputExistsError": "deltaH.errors",
+    "ResumeError": "deltaH.errors",
+    "RewardError": "deltaH.errors",
+    "ParameterNameError": "deltaH.errors",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -55,6 +67,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from deltaH.batch import SequenceBatch as SequenceBatch
+    from deltaH.errors import ArgumentError as ArgumentError
+    from deltaH.errors import BatchError as BatchError
+    from deltaH.errors import CheckpointError as CheckpointError
+    from deltaH.errors import ConfigError as ConfigError
+    from deltaH.errors import DataError as DataError
+    from deltaH.errors import DeltaHError as DeltaHError
+    from deltaH.errors import DeviceError as DeviceError
+    from deltaH.errors import NotFoundError as NotFoundError
+    from deltaH.errors import OutputExistsError as OutputExistsError
+    from deltaH.errors import ParameterNameError as ParameterNameError
+    from deltaH.errors import ResumeError as ResumeError
+    from deltaH.errors import RewardError as RewardError
     from deltaH.estimators.first_order import FirstOrder as FirstOrder
     from deltaH.estimators.first_order import delta_h_first_order as delta_h_first_order
     from deltaH.estimators.influence import covariance_proxy as covariance_proxy

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from deltaH.errors import BatchError
+
 Tree = dict[str, Tensor]
 
 
@@ -58,7 +60,7 @@ def n_stacked(a: Mapping[str, Tensor]) -> int:
     """Length ``K`` of the leading axis of a stacked tree (all leaves must agree)."""
     sizes = {v.shape[0] for v in a.values()}
     if len(sizes) != 1:
-        raise ValueError(f"stacked tree has inconsistent leading sizes {sorted(sizes)}")
+        raise BatchError(f"stacked tree has inconsistent leading sizes {sorted(sizes)}")
     return sizes.pop()
 
 

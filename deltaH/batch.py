@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH.errors import BatchError
+
 
 @dataclass(frozen=True)
 class SequenceBatch:
@@ -31,31 +33,31 @@ class SequenceBatch:
             if not isinstance(t, Tensor):
                 raise TypeError(f"SequenceBatch.{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 2:
-                raise ValueError(f"SequenceBatch.{name} must be 2-D [N, T], got shape {tuple(t.shape)}")
+                raise BatchError(f"SequenceBatch.{name} must be 2-D [N, T], got shape {tuple(t.shape)}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"SequenceBatch.input_ids must be an integer tensor (int64), got {ids.dtype}")
         if am.shape != ids.shape or rm.shape != ids.shape:
-            raise ValueError(
+            raise BatchError(
                 "SequenceBatch: input_ids, attention_mask and response_mask must have the same shape, "
                 f"got {tuple(ids.shape)}, {tuple(am.shape)}, {tuple(rm.shape)}"
             )
         if ids.shape[0] == 0:
-            raise ValueError("SequenceBatch is empty (N = 0): pass at least one sequence")
+            raise BatchError("SequenceBatch is empty (N = 0): pass at least one sequence")
         for name, t in (("attention_mask", am), ("response_mask", rm)):
             if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
-                raise ValueError(f"SequenceBatch.{name} must be boolean or 0/1, found other values")
+                raise BatchError(f"SequenceBatch.{name} must be boolean or 0/1, found other values")
         amb, rmb = am.bool(), rm.bool()
         bad = (rmb & ~amb).any(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:5].tolist()
-            raise ValueError(
+            raise BatchError(
                 f"SequenceBatch.response_mask marks tokens that attention_mask excludes (rows {rows}); "
                 "response tokens must be attended tokens"
             )
         empty = ~rmb.any(dim=1)
         if bool(empty.any()):
             rows = empty.nonzero().flatten()[:5].tolist()
-            raise ValueError(
+            raise BatchError(
                 f"SequenceBatch rows {rows} have no response token: every row needs at least one "
                 "scored token (set response_mask at the generated tokens, EOS included)"
             )
@@ -63,7 +65,7 @@ class SequenceBatch:
         first_resp = torch.where(rmb, torch.arange(rmb.shape[1], device=rmb.device), rmb.shape[1]).amin(1)
         if bool((first_resp <= first_attended).any()):
             rows = (first_resp <= first_attended).nonzero().flatten()[:5].tolist()
-            raise ValueError(
+            raise BatchError(
                 f"SequenceBatch rows {rows} start with a response token: a scored token needs at "
                 "least one attended token before it (the prompt, or a BOS token)"
             )

@@ -1,7 +1,9 @@
 """The ``deltah`` command: ``run``, ``inspect``, ``bench``.
 
-Exit codes: 0 success, 2 bad input (config, files, arguments: one-line message, no traceback),
-1 failure (a traceback with ``--verbose``), 130 interrupted.
+Exit codes: 0 success; 2 bad input — a ``deltaH.errors.DeltaHError`` (config, files, arguments) or
+an argparse error: one line ``deltah: error: ...``, no traceback; 1 any other failure, a bug or the
+user's reward function raising: one line ``deltah: failed: ...``, the traceback in the run's
+``run.log`` (or on the console with ``--verbose``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from deltaH.errors import DeltaHError, NotFoundError, ResumeError
 
 log = logging.getLogger("deltaH")
 
@@ -83,20 +87,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError) as exc:
+    except DeltaHError as exc:  # bad input: the message names the key or file and the fix
         if args.verbose:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"deltah: error: {msg}", file=sys.stderr)
+        print(f"deltah: error: {_first_line(exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a failure, not bad input
+    except Exception as exc:  # a failure, not bad input (RewardError included: the user's code failed)
         if args.verbose:
             raise
-        print(
-            f"deltah: failed: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)",
-            file=sys.stderr,
-        )
+        where = getattr(exc, "run_log", None)  # set by the results folder's run_guard
+        hint = f"traceback in {where}" if where else "rerun with --verbose for the traceback"
+        print(f"deltah: failed: {type(exc).__name__}: {_first_line(exc)} ({hint})", file=sys.stderr)
         return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -131,7 +138,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from deltaH.io.report import format_summary_table
     from deltaH.io.results import ResultsDir
 
-    rd = ResultsDir.open(args.results)
+    rd = ResultsDir.open(args.results, action="inspect")
     summary = rd.read_json("summary.json")
     if summary is None:
         study = rd.read_json("study.json")
@@ -140,7 +147,10 @@ def _inspect(args: argparse.Namespace) -> int:
                 print(row)
             return 0
         prog = rd.progress()
-        raise FileNotFoundError(f"{args.results} has no summary.json yet (status: {prog.get('status')})")
+        raise ResumeError(
+            f"{args.results} has no summary.json yet (status: {prog.get('status')}); continue that run with "
+            f"'deltah run --resume {args.results}'"
+        )
     summary.setdefault("status", rd.progress().get("status"))
     print(format_summary_table(summary))
     return 0
@@ -151,8 +161,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         run_all = importlib.import_module("benchmarks.run_all")  # a source checkout's benchmarks/
-    except ImportError as exc:
-        raise ImportError(
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.run_all"):
+            raise  # the benchmarks are there but one of their imports failed: not the user's input
+        raise NotFoundError(
             "deltah bench needs a source checkout (the benchmarks/ folder); run it from the repo root"
         ) from exc
     return int(run_all.main(["--out", args.out, *(["--quick"] if args.quick else [])]))

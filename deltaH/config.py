@@ -4,8 +4,8 @@ A config file is a mapping of sections (``checkpoint``, ``data``, ``policy``, ``
 ``update_batch``, ``loss``, ``eta``, ``analyses``, ``compute``, ``output``) plus ``seed``. Missing
 keys take their defaults (``configs/toy.yaml`` spells every one out); unknown keys, wrong types and
 impossible values raise ``ConfigError`` with a one-line message naming the key path, the value and
-what is allowed — all before any model loads (this module imports only the standard library and
-PyYAML)::
+what is allowed — all before any model loads (this module imports only the standard library,
+PyYAML and ``deltaH.errors``, itself standard library only)::
 
     config key 'policy.top_p': got 1.5; expected a number in (0, 1]
 
@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from deltaH.errors import ConfigError
+
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "AnalysesConfig",
@@ -57,17 +59,6 @@ __all__ = [
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 BUILTIN_REWARDS = ("math", "gsm8k", "exact")
-
-
-class ConfigError(ValueError):
-    """A config problem in one line: the key path, the value and what is allowed.
-
-    ``key`` is the dotted key path (``None`` for file-level problems).
-    """
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(" ".join(message.splitlines()))
-        self.key = key
 
 
 def _show(value: Any, limit: int = 80) -> str:

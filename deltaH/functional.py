@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltaH.errors import ArgumentError, BatchError, CheckpointError, ParameterNameError
+
 _ATTN_OK = ("eager", "sdpa")
 
 
@@ -54,12 +56,12 @@ def _check_adapters(model: nn.Module) -> None:
     """Refuse peft adapters that would silently bypass their LoRA parameters."""
     for name, mod in model.named_modules():
         if getattr(mod, "merged", False) and hasattr(mod, "lora_A"):
-            raise ValueError(
+            raise CheckpointError(
                 f"peft adapter at '{name}' is merged into the base weights: its LoRA parameters no longer "
                 "act. Load the checkpoint without merge_and_unload()/merge_adapter(), or unmerge_adapter()."
             )
         if getattr(mod, "disable_adapters", False) and hasattr(mod, "lora_A"):
-            raise ValueError(
+            raise CheckpointError(
                 f"peft adapter at '{name}' is disabled: its LoRA parameters do not act. "
                 "Enable it (model.enable_adapter_layers()) before building a FunctionalLM."
             )
@@ -95,7 +97,7 @@ class FunctionalLM:
             raise TypeError(f"FunctionalLM.from_model expects a torch.nn.Module, got {type(model).__name__}")
         training = [n for n, m in model.named_modules() if m.training]
         if training:
-            raise ValueError(
+            raise ArgumentError(
                 "model is in training mode (dropout would make every estimate random and cannot run "
                 f"under vmap; first module: '{training[0] or '<root>'}'): call model.eval() first"
             )
@@ -104,7 +106,7 @@ class FunctionalLM:
         cfg = getattr(inner, "config", None)
         attn = getattr(cfg, "_attn_implementation", None) or "eager"
         if attn not in _ATTN_OK:
-            raise ValueError(
+            raise ArgumentError(
                 f"attention implementation '{attn}' cannot run under torch.func (vmap/jvp); load the model "
                 "with attn_implementation='eager' or 'sdpa'"
             )
@@ -116,7 +118,7 @@ class FunctionalLM:
             )
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         if not params:
-            raise ValueError("model has no trainable parameters (requires_grad=True): nothing to perturb")
+            raise ArgumentError("model has no trainable parameters (requires_grad=True): nothing to perturb")
         canonical = {id(p): n for n, p in model.named_parameters()}
         aliases = {
             n: canonical[id(p)]
@@ -159,13 +161,13 @@ class FunctionalLM:
                 want = tuple(self.params[name].shape)
                 got = tuple(t.shape[1:]) if stacked else tuple(t.shape)
                 if got != want:
-                    raise ValueError(
+                    raise BatchError(
                         f"{what}['{name}'] has shape {tuple(t.shape)}; the parameter has shape {want}"
                         + (" (with a leading direction axis K)" if stacked else "")
                     )
                 continue
             if name in self.aliases:
-                raise ValueError(
+                raise BatchError(
                     f"{what}['{name}'] is tied to '{self.aliases[name]}' (the same tensor): use that name"
                 )
             close = [p for p in self.params if name.split(".")[-2:] == p.split(".")[-2:]][:3]
@@ -174,7 +176,7 @@ class FunctionalLM:
                 if close
                 else f"; trainable names look like '{next(iter(self.params))}'"
             )
-            raise KeyError(f"{what}['{name}'] is not a trainable parameter of the model{hint}")
+            raise ParameterNameError(f"{what}['{name}'] is not a trainable parameter of the model{hint}")
 
     @contextlib.contextmanager
     def _kernels(self) -> Iterator[None]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH.errors import ArgumentError
+
 # Rows whose nucleus boundary lies within this cumulative mass of the threshold are decided by
 # the exact (sorting) rule. On CPU, float32 cumsum accumulates in float64, so the prefix estimate
 # differs from HF's cumsum by ~1e-7 at most; 1e-5 leaves a wide safety factor.
@@ -49,15 +51,15 @@ class SamplingPolicy:
     def __post_init__(self) -> None:
         t, p = float(self.temperature), float(self.top_p)
         if not (math.isfinite(t) and t > 0):
-            raise ValueError(
+            raise ArgumentError(
                 f"SamplingPolicy.temperature must be a finite number > 0, got {self.temperature!r}"
             )
         if not (0 < p <= 1):
-            raise ValueError(
+            raise ArgumentError(
                 f"SamplingPolicy.top_p must be in (0, 1], got {self.top_p!r} (1 = no truncation)"
             )
         if int(self.topk_prefix) < 1:
-            raise ValueError(f"SamplingPolicy.topk_prefix must be >= 1, got {self.topk_prefix!r}")
+            raise ArgumentError(f"SamplingPolicy.topk_prefix must be >= 1, got {self.topk_prefix!r}")
 
     # -- nucleus ---------------------------------------------------------------------------
     def scaled32(self, logits: Tensor) -> Tensor:

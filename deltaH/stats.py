@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import Compact, SequenceBatch, compact
+from deltaH.errors import ArgumentError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 
@@ -45,7 +46,7 @@ class SequenceStats:
 def chunks_of(batch: SequenceBatch, tf_batch_size: int) -> list[Compact]:
     """The batch as compacted chunks of at most ``tf_batch_size`` sequences."""
     if int(tf_batch_size) < 1:
-        raise ValueError(f"tf_batch_size must be >= 1, got {tf_batch_size!r}")
+        raise ArgumentError(f"tf_batch_size must be >= 1, got {tf_batch_size!r}")
     n = len(batch)
     return [compact(batch.select(slice(s, s + tf_batch_size))) for s in range(0, n, tf_batch_size)]
 
@@ -54,7 +55,7 @@ def head_rows(lm: FunctionalLM, k: int, head_chunk: int | None) -> int:
     """Scored positions per head call for ``k`` directions at once."""
     if head_chunk is not None:
         if int(head_chunk) < 1:
-            raise ValueError(f"head_chunk must be >= 1, got {head_chunk!r}")
+            raise ArgumentError(f"head_chunk must be >= 1, got {head_chunk!r}")
         return int(head_chunk)
     vocab = int(lm.vocab_size)
     return max(1, _HEAD_ELEMENTS // (vocab * max(k, 1)))

@@ -283,7 +283,9 @@ def test_adapter_base_not_found_then_overridden(lora_run: Run, tmp_path: Path) -
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "nobody/no-such-model"
     (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FileNotFoundError, match=r"'nobody/no-such-model'.*base_model="):
+    # the message serves both audiences: the config key (CLI) and the argument (API)
+    with pytest.raises(FileNotFoundError,
+                       match=r"'nobody/no-such-model'.*--set checkpoint\.base_model=.*API: base_model="):
         load_checkpoint(ckpt)
     assert lora_run.base is not None
     ck = load_checkpoint(ckpt, base_model=lora_run.base)
@@ -325,10 +327,61 @@ def test_nothing_loadable(tmp_path: Path) -> None:
 def test_trainer_folder_without_optimizer(lora_run: Run, tmp_path: Path) -> None:
     ckpt = _copy(lora_run, tmp_path)
     (ckpt / "optimizer.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"optimizer\.pt.*optimizer=False"):
+    with pytest.raises(FileNotFoundError, match=r"optimizer\.pt.*checkpoint\.path.*optimizer=False"):
         load_checkpoint(ckpt)
     ck = load_checkpoint(ckpt, optimizer=False)
     assert ck.optimizer_state is None and ck.lr is None and ck.global_step == STOP
+
+
+# ----------------------------------------------------------------------------------------- damaged files
+def _no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr("deltaH.io.checkpoint._from_pretrained", boom)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+@pytest.mark.parametrize(("which", "name"), [("lora", "adapter_model.safetensors"), ("lora", "optimizer.pt"),
+                                             ("full", "model.safetensors")])
+def test_damaged_file_is_named_before_weights_load(request: pytest.FixtureRequest, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, which: str, name: str,
+                                                   how: str) -> None:
+    ckpt = _copy(request.getfixturevalue(f"{which}_run"), tmp_path)
+    data = (ckpt / name).read_bytes()
+    (ckpt / name).write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x00garbage" * 64)
+    _no_weights_load(monkeypatch)
+    with pytest.raises(dh.CheckpointError, match=rf"{re.escape(str(ckpt / name))} is corrupt or truncated "
+                                                 r"\(\w+: .+\); re-save the checkpoint"):
+        load_checkpoint(ckpt)
+
+
+def test_damaged_scheduler_and_json_are_named(lora_run: Run, tmp_path: Path) -> None:
+    ckpt = _copy(lora_run, tmp_path)
+    data = (ckpt / "scheduler.pt").read_bytes()
+    (ckpt / "scheduler.pt").write_bytes(data[: len(data) - 1])  # read after the weights: still named
+    with pytest.raises(dh.CheckpointError, match=r"scheduler\.pt is corrupt or truncated"):
+        load_checkpoint(ckpt)
+    ckpt = _copy(lora_run, tmp_path / "b")
+    (ckpt / "trainer_state.json").write_text('{"global_step": 3')
+    with pytest.raises(dh.CheckpointError, match=r"trainer_state\.json cannot be read as JSON.*truncated"):
+        load_checkpoint(ckpt)
+
+
+def test_device_is_checked_before_anything_loads(lora_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltaH.io.checkpoint import check_device
+
+    _no_weights_load(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, whatever this one is
+    with pytest.raises(dh.DeviceError, match=r"'cuda' is not available: .*checkpoint\.device"):
+        load_checkpoint(lora_run.ckpt, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(dh.DeviceError, match=r"'cuda:2' is not available: this machine has 2 CUDA device"):
+        check_device("cuda:2")
+    assert check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(dh.DeviceError, match="'gpu' is not a torch device"):
+        check_device("gpu")
 
 
 # ----------------------------------------------------------------------------------------- plain folders

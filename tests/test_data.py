@@ -298,7 +298,8 @@ def test_missing_field_names_row_field_and_available_fields(tmp_path: Path) -> N
     rows = [{"question": "a", "answer": "1"}, {"problem": "b", "answer": "2"}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     with pytest.raises(DatasetError, match=r"m.jsonl: row 1 \(line 2\) has no field 'question' "
-                                           r"\(available: \['answer', 'problem'\]\); pass prompt_field="):
+                                           r"\(available: \['answer', 'problem'\]\); "
+                                           r"set data.prompt_field \(API: prompt_field=\)"):
         load_prompts(path)
     with pytest.raises(DatasetError, match=r"row 0 \(line 1\) has no field 'solution'.*answer_field="):
         load_prompts(path, answer_field="solution")

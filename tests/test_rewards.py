@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from deltaH.errors import DataError, DeltaHError, RewardError
 from deltaH.sampling.data import PromptRecord
 from deltaH.sampling.rewards import (
     extract_answer,
@@ -196,6 +197,9 @@ def reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
         def strings(completions, records):
             return ["1.0"] * len(completions)
+
+        def divides(completions, records):
+            return [1 / 0 for c in completions]
     """))
     (pkg / "broken.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -251,3 +255,18 @@ def test_loaded_reward_output_is_checked(
     fn = load_reward_fn(f"{reward_module}:{attr}")
     with pytest.raises(error, match=pattern):
         fn(["a", "b"], [rec("1"), rec("2")])
+
+
+def test_a_user_reward_that_raises_is_named(reward_module: str) -> None:
+    # not bad input (the user's code failed): a RewardError naming the spec, the original as its cause
+    fn = load_reward_fn(f"{reward_module}:divides")
+    with pytest.raises(RewardError, match=r"the reward function 'rwpkg.scores:divides' raised "
+                                          r"ZeroDivisionError: division by zero") as e:
+        fn(["a"], [rec("1")])
+    assert isinstance(e.value.__cause__, ZeroDivisionError) and not isinstance(e.value, DeltaHError)
+
+
+def test_builtin_reward_errors_are_about_the_records() -> None:
+    # a built-in's complaint is about the data (no answers), so it stays bad input
+    with pytest.raises(DataError, match=r"record id='q' has no answer.*data\.answer_field"):
+        load_reward_fn("math")(["1"], [PromptRecord(id="q", prompt="p", answer=None, raw={})])

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import deltaH.runner as runner
 from deltaH.cli import main
 from deltaH.config import load_config
+from deltaH.errors import CheckpointError, OutputExistsError
+from deltaH.functional import FunctionalLM
 from deltaH.io.compare import compare_results
-from deltaH.io.results import ResultsDir
+from deltaH.io.results import ResultsDir, run_guard
 
 SHORT = [
     "eval_batch.total_sequences=16",
@@ -209,3 +216,203 @@ def test_detail_levels(tmp_path: Path) -> None:
     np.testing.assert_allclose(per_seq, arrays["eval_logq"], rtol=1e-5, atol=1e-5)
     assert ((arrays["eval_token_top1"] > 0) & (arrays["eval_token_top1"] <= 1)).all()
     assert (arrays["eval_token_nucleus"] >= 1).all() and (arrays["eval_token_eos"] >= 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: exit 2 and one line for bad input (found before a folder exists), exit 1 otherwise
+
+
+def _cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], *sets: str) -> tuple[int, str, Path]:
+    rc, out = _run(tmp_path, "out", *sets)
+    return rc, capsys.readouterr().err, out
+
+
+@pytest.fixture
+def toy_copy(tmp_path: Path) -> Path:
+    """A writable copy of the toy artifacts; returns its checkpoint folder (the adapter's base is ../base)."""
+    from deltaH.toy import toy_checkpoint_path, toy_dir
+
+    shutil.copytree(toy_dir(), tmp_path / "toy")
+    return tmp_path / "toy" / toy_checkpoint_path().name
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("deltaH.io.checkpoint.load_checkpoint", boom)
+
+
+def _one_line_error(rc: int, err: str, out: Path, *needles: str) -> None:
+    assert rc == 2, err
+    assert err.startswith("deltah: error: ") and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()  # found before the results folder was created
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt"])
+def test_damaged_checkpoint_file_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_copy: Path, no_model_load: None, name: str
+) -> None:
+    data = (toy_copy / name).read_bytes()
+    (toy_copy / name).write_bytes(data[: len(data) // 2])
+    rc, err, out = _cli(tmp_path, capsys, f"checkpoint.path={toy_copy}")
+    _one_line_error(rc, err, out, str(toy_copy / name), "is corrupt or truncated", "re-save")
+
+
+def test_cuda_on_a_cpu_machine_fails_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_model_load: None
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, err, out = _cli(tmp_path, capsys, "checkpoint.device=cuda")
+    _one_line_error(rc, err, out, "'cuda' is not available", "checkpoint.device")
+
+
+@pytest.mark.parametrize(
+    ("sets", "needles"),
+    [
+        (["data.reward=no_such_module_xyz.mod:score"], ["data.reward", "cannot import module"]),
+        (["data.reward=deltaH.sampling.rewards:no_such_fn"], ["data.reward", "no attribute 'no_such_fn'"]),
+        (["data.reward=math", "data.answer_field=null"], ["data.reward", "data.answer_field is null"]),
+        (["data.prompt_field=nope"], ["has no field 'nope'", "set data.prompt_field"]),
+        (["data.path=missing.jsonl"], ["missing.jsonl does not exist", "data.path"]),
+        (["data.limit=2"], ["update_batch.n_prompts", "2 prompt(s)"]),
+    ],
+)
+def test_bad_data_or_reward_is_found_before_loading(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: None,
+    sets: list[str],
+    needles: list[str],
+) -> None:
+    rc, err, out = _cli(tmp_path, capsys, *sets)
+    _one_line_error(rc, err, out, *needles)
+
+
+def test_missing_base_model_or_optimizer_names_the_config_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_copy: Path, no_model_load: None
+) -> None:
+    cfg = json.loads((toy_copy / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "nowhere")
+    (toy_copy / "adapter_config.json").write_text(json.dumps(cfg))
+    rc, err, out = _cli(tmp_path, capsys, f"checkpoint.path={toy_copy}")
+    _one_line_error(rc, err, out, "nowhere", "--set checkpoint.base_model=")
+
+    (toy_copy / "optimizer.pt").unlink()
+    rc, err, out = _cli(tmp_path, capsys, f"checkpoint.path={toy_copy}",
+                        f"checkpoint.base_model={toy_copy.parent / 'base'}")
+    _one_line_error(rc, err, out, "without optimizer.pt", "checkpoint.path")
+
+
+@pytest.fixture
+def failing_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A user's reward module whose function raises."""
+    code = "def score(completions, records):\n    return [1 / 0 for _ in completions]\n"
+    (tmp_path / "rw_fails.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "rw_fails:score"
+    sys.modules.pop("rw_fails", None)
+
+
+def test_a_reward_that_raises_is_a_failure_with_its_name_and_a_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], failing_reward: str
+) -> None:
+    rc, err, out = _cli(tmp_path, capsys, f"data.reward={failing_reward}", "eval_batch.total_sequences=4")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(
+        "deltah: failed: RewardError: the reward function 'rw_fails:score' raised ZeroDivisionError: "
+        "division by zero"
+    ), err
+    assert f"(traceback in {out / 'run.log'})" in err and "Traceback" not in err
+    log_text = (out / "run.log").read_text()
+    assert "Traceback (most recent call last)" in log_text and "ZeroDivisionError" in log_text
+    assert ResultsDir.open(out).progress()["status"] == "failed"
+    # The folder holds no result: the same --out is usable again, and the old log is kept (appended to).
+    ResultsDir.create(tmp_path, out)
+    assert (out / "run.log").read_text().startswith(log_text)
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError, TypeError])
+def test_an_internal_error_is_a_failure_not_bad_input(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+) -> None:
+    def broken(*a: object, **k: object) -> None:
+        raise error("an invariant broke")
+
+    monkeypatch.setattr(FunctionalLM, "from_model", broken)
+    rc, err, out = _cli(tmp_path, capsys)
+    assert rc == 1 and err.startswith(f"deltah: failed: {error.__name__}: "), err
+    assert "an invariant broke" in err and f"traceback in {out / 'run.log'}" in err
+    assert "Traceback" in (out / "run.log").read_text()
+
+
+def test_bad_input_found_after_the_folder_exists_removes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*a: object, **k: object) -> None:
+        raise CheckpointError("this model cannot be used: fix it")
+
+    monkeypatch.setattr(FunctionalLM, "from_model", refuse)
+    rc, err, out = _cli(tmp_path, capsys)
+    _one_line_error(rc, err, out, "this model cannot be used: fix it")
+
+
+# -- run_guard: what a failed run leaves behind -------------------------------------------------
+
+
+def _fail_in(rd: ResultsDir, exc: Exception) -> Exception:
+    with pytest.raises(type(exc)) as e, run_guard(rd):
+        logging.getLogger("deltaH.runner").warning("a warning for the log")
+        raise exc
+    return e.value
+
+
+def test_run_guard_removes_only_an_empty_folder_it_created(tmp_path: Path) -> None:
+    rd = ResultsDir.create(tmp_path, tmp_path / "a")
+    _fail_in(rd, CheckpointError("bad"))
+    assert not rd.path.exists()
+
+    rd = ResultsDir.create(tmp_path, tmp_path / "b")
+    rd.save_array("eta", np.ones(3), "a result")
+    _fail_in(rd, CheckpointError("bad"))
+    assert (rd.path / "arrays" / "eta.npy").is_file() and rd.progress()["status"] == "failed"
+
+    pre = tmp_path / "c"
+    pre.mkdir()  # the user made it: not ours to remove
+    _fail_in(ResultsDir.create(tmp_path, pre), CheckpointError("bad"))
+    assert pre.is_dir()
+
+    resumed = ResultsDir.open(rd.path)  # --resume never deletes
+    _fail_in(resumed, CheckpointError("bad"))
+    assert rd.path.is_dir()
+
+
+def test_run_guard_keeps_the_log_of_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rd = ResultsDir.create(tmp_path, tmp_path / "a")
+    exc = _fail_in(rd, RuntimeError("boom"))
+    log_text = (rd.path / "run.log").read_text()
+    assert "a warning for the log" in log_text and "RuntimeError: boom" in log_text
+    assert "Traceback" in log_text
+    assert exc.run_log == str(rd.path / "run.log")  # type: ignore[attr-defined]
+    assert "Traceback" not in capsys.readouterr().err  # the traceback goes to the file only
+    assert not logging.getLogger("deltaH").handlers  # detached after the run
+    again = ResultsDir.create(tmp_path, rd.path)  # a failed run without results does not block --out
+    again.save_array("eta", np.ones(3), "a result")
+    again.set_progress(status="failed")
+    with pytest.raises(OutputExistsError):  # ... but one with results does
+        ResultsDir.create(tmp_path, rd.path)
+
+
+def test_inspect_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a deltaH results folder" in err and "cannot inspect it" in err and "resume" not in err
+    rd = ResultsDir.create(tmp_path, tmp_path / "running")
+    assert main(["inspect", str(rd.path)]) == 2
+    assert "no summary.json yet (status: running)" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from deltaH import _dist, _trees
 from deltaH.batch import Compact, SequenceBatch
+from deltaH.errors import ArgumentError
 from deltaH.estimators.true import _as_etas, base_stats, check_options, validate_dirs
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
@@ -215,7 +216,7 @@ def delta_h_first_order(
     (it needs per-sequence gradients).
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     check_options(entropy_mode, dir_chunk)
     etas, scalar = _as_etas(eta)
     lm.check_names(params)

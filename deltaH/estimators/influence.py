@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch, compact
+from deltaH.errors import ArgumentError, BatchError
 from deltaH.estimators.first_order import delta_h_first_order
 from deltaH.estimators.true import delta_h_true_multi
 from deltaH.functional import FunctionalLM
@@ -53,7 +54,7 @@ def influence_matrix(
 ) -> Influence:
     """Per-(evaluation × update sequence) contributions along the components ``ĉ_i [N_U, ...]``."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ArgumentError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "true":
         res = delta_h_true_multi(params, components, batch, lm=lm, policy=policy, eta=float(eta), **kwargs)
         return Influence(res.per_sequence.T.contiguous(), res.delta_h, float(eta), kind)
@@ -86,7 +87,7 @@ def covariance_proxy(
 ) -> CovarianceProxy:
     """The covariance proxy (module docstring) on the update batch with advantages ``adv [N_U]``."""
     if adv.shape != (len(batch),):
-        raise ValueError(f"advantages must have shape [{len(batch)}], got {tuple(adv.shape)}")
+        raise BatchError(f"advantages must have shape [{len(batch)}], got {tuple(adv.shape)}")
     with torch.no_grad():
         c = compact(batch)
         h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch
+from deltaH.errors import ArgumentError, BatchError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 from deltaH.updates.grads import sequence_logprob_grads
@@ -73,10 +74,10 @@ def fisher_kernel(
     ``temperature`` of the update side defaults to the policy's.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
     names = [n for n in params if n in precond]
     if not names:
-        raise ValueError("precond has no entry for any trainable parameter: pass UpdateDirections.precond")
+        raise ArgumentError("precond has no entry for any trainable parameter: pass UpdateDirections.precond")
     tau = policy.temperature if temperature is None else float(temperature)
     n_e, n_u = len(eval_batch), len(update_batch)
     kern = torch.zeros(n_e, n_u, dtype=torch.float64)
@@ -92,7 +93,7 @@ def fisher_kernel(
             kern += (_flat(g_e, block) * p) @ _flat(g_u, block).T
         return kern
     if int(proj_dim) < 1:
-        raise ValueError(f"proj_dim must be >= 1, got {proj_dim!r}")
+        raise ArgumentError(f"proj_dim must be >= 1, got {proj_dim!r}")
     k = int(proj_dim)
     p_all = torch.cat([precond[n].reshape(-1).double() for n in names])
     sizes = [params[n].numel() for n in names]
@@ -154,7 +155,7 @@ def kernel_summary(
     pe = torch.as_tensor(prompt_e).view(-1, 1)
     pu = torch.as_tensor(prompt_u).view(1, -1)
     if pe.shape[0] != kern.shape[0] or pu.shape[1] != kern.shape[1]:
-        raise ValueError(
+        raise BatchError(
             f"prompt ids ({pe.shape[0]}, {pu.shape[1]}) do not match kernel shape {tuple(kern.shape)}"
         )
     same = pe == pu

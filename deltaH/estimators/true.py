@@ -32,6 +32,7 @@ from torch import Tensor
 from deltaH import _dist, _trees
 from deltaH._warn import warn
 from deltaH.batch import SequenceBatch
+from deltaH.errors import ArgumentError, BatchError
 from deltaH.estimators._psis import khat_threshold, psis_khat, tail_size
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
@@ -136,19 +137,19 @@ def _as_etas(eta: float | Sequence[float] | Tensor) -> tuple[list[float], bool]:
     else:
         etas, scalar = [float(e) for e in eta], False
         if not etas:
-            raise ValueError("eta is an empty sequence: pass a float or a non-empty list of floats")
+            raise ArgumentError("eta is an empty sequence: pass a float or a non-empty list of floats")
     for e in etas:
         if not math.isfinite(e):
-            raise ValueError(f"eta must be finite, got {e!r}")
+            raise ArgumentError(f"eta must be finite, got {e!r}")
     return etas, scalar
 
 
 def check_options(entropy_mode: str, dir_chunk: int) -> None:
     """Validate the options shared by the ΔH estimators."""
     if entropy_mode not in ENTROPY_MODES:
-        raise ValueError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
+        raise ArgumentError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
     if int(dir_chunk) < 1:
-        raise ValueError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
+        raise ArgumentError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
 
 
 def validate_dirs(
@@ -156,7 +157,7 @@ def validate_dirs(
 ) -> dict[str, Tensor]:
     """Check a stacked direction tree against the parameters and cast it to their dtype/device."""
     if not dirs:
-        raise ValueError("dirs is empty: pass a dict of stacked tensors [K, *param_shape]")
+        raise BatchError("dirs is empty: pass a dict of stacked tensors [K, *param_shape]")
     lm.check_names(dirs, what="dirs", stacked=True)
     _trees.n_stacked(dirs)
     return {n: d.to(dtype=params[n].dtype, device=params[n].device) for n, d in dirs.items()}
@@ -175,7 +176,7 @@ def base_stats(
     bad = ~torch.isfinite(lq[0])
     if bool(bad.any()):
         rows = bad.nonzero().flatten()[:5].tolist()
-        raise ValueError(
+        raise BatchError(
             f"evaluation sequences {rows} have log q = -inf under θ: they contain tokens outside the "
             f"nucleus of {policy}, so they were not sampled from this policy (check temperature/top_p)"
         )

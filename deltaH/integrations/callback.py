@@ -63,6 +63,7 @@ from transformers import TrainerCallback
 
 from deltaH._warn import warn
 from deltaH.batch import SequenceBatch
+from deltaH.errors import ArgumentError, BatchError
 from deltaH.estimators.first_order import MODES, delta_h_first_order
 from deltaH.estimators.influence import covariance_proxy
 from deltaH.estimators.true import ENTROPY_MODES, base_stats, delta_h_true
@@ -135,27 +136,29 @@ class DeltaHCallback(TrainerCallback):
         entropy_mode: str = "rb",
     ) -> None:
         if (eval_batch is None) == (prompts is None):
-            raise ValueError("DeltaHCallback needs exactly one of eval_batch= (a SequenceBatch) or prompts= "
-                             "(token-id lists or strings to sample the evaluation batch from)")
+            raise ArgumentError(
+                "DeltaHCallback needs exactly one of eval_batch= (a SequenceBatch) or prompts= "
+                "(token-id lists or strings to sample the evaluation batch from)"
+            )
         if eval_batch is not None and not isinstance(eval_batch, SequenceBatch):
             raise TypeError(f"eval_batch must be a deltaH.SequenceBatch, got {type(eval_batch).__name__}")
         if prompts is not None and (isinstance(prompts, str) or len(prompts) == 0):
-            raise ValueError("prompts must be a non-empty list of prompts (strings or token-id lists)")
+            raise ArgumentError("prompts must be a non-empty list of prompts (strings or token-id lists)")
         for name, val in (("every", every), ("n_per_prompt", n_per_prompt), ("tf_batch_size", tf_batch_size),
                           ("true_every", true_every), ("max_new_tokens", max_new_tokens)):
             if val is None and name in ("true_every", "max_new_tokens"):
                 continue
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"DeltaHCallback: {name} must be an int >= 1, got {val!r}")
+                raise ArgumentError(f"DeltaHCallback: {name} must be an int >= 1, got {val!r}")
         if mode not in MODES:
-            raise ValueError(f"DeltaHCallback: mode must be one of {MODES}, got {mode!r}")
+            raise ArgumentError(f"DeltaHCallback: mode must be one of {MODES}, got {mode!r}")
         if entropy_mode not in ENTROPY_MODES:
-            raise ValueError(f"DeltaHCallback: entropy_mode must be one of {ENTROPY_MODES}, "
-                             f"got {entropy_mode!r}")
+            raise ArgumentError(f"DeltaHCallback: entropy_mode must be one of {ENTROPY_MODES}, "
+                                f"got {entropy_mode!r}")
         if policy is not None and not isinstance(policy, SamplingPolicy):
             raise TypeError(f"policy must be a deltaH.SamplingPolicy, got {type(policy).__name__}")
         if probe_dtype not in (None, torch.float32):
-            raise ValueError(f"probe_dtype must be torch.float32 or None, got {probe_dtype!r}")
+            raise ArgumentError(f"probe_dtype must be torch.float32 or None, got {probe_dtype!r}")
         self.eval_batch = eval_batch
         self.prompts = None if prompts is None else list(prompts)
         self.policy = policy
@@ -196,7 +199,7 @@ class DeltaHCallback(TrainerCallback):
         if not self._main(state):
             return
         if model is None or optimizer is None:
-            raise ValueError("DeltaHCallback needs the trainer's model and optimizer at on_train_begin")
+            raise ArgumentError("DeltaHCallback needs the trainer's model and optimizer at on_train_begin")
         _check_args(args)
         try:
             AdamWState.from_optimizer(optimizer, model, copy=False)
@@ -223,7 +226,7 @@ class DeltaHCallback(TrainerCallback):
                 with torch.no_grad():
                     base_stats(self._lm, params, self.eval_batch, self.policy, self.tf_batch_size)
             except ValueError as e:
-                raise ValueError(f"DeltaHCallback: eval_batch does not fit the policy: {e}") from e
+                raise BatchError(f"DeltaHCallback: eval_batch does not fit the policy: {e}") from e
         logger.info("deltaH probe: evaluation batch of %d sequences (%d response tokens), policy %s",
                     len(self.eval_batch), int(self.eval_batch.n_tokens.sum()), self.policy)
 
@@ -344,12 +347,14 @@ def _metrics(rec: ProbeRecord) -> dict[str, float]:
 def _check_args(args: Any) -> None:
     """Refuse set-ups whose pre-optimizer gradients or optimizer state the probe cannot read whole."""
     if getattr(args, "fp16", False):
-        raise ValueError("DeltaHCallback does not support fp16=True: with a gradient scaler the gradients at "
-                         "the pre-optimizer hook may still be scaled and the step may be skipped. Train with "
-                         "bf16=True or in float32.")
+        raise ArgumentError(
+            "DeltaHCallback does not support fp16=True: with a gradient scaler the gradients at the "
+            "pre-optimizer hook may still be scaled and the step may be skipped. Train with bf16=True or in "
+            "float32."
+        )
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-        raise ValueError("DeltaHCallback does not support DeepSpeed or FSDP (sharded parameters and "
-                         "optimizer state); use DDP or a single device.")
+        raise ArgumentError("DeltaHCallback does not support DeepSpeed or FSDP (sharded parameters and "
+                            "optimizer state); use DDP or a single device.")
 
 
 def _warn_unmodelled_sampling(args: Any) -> None:
@@ -364,12 +369,12 @@ def _warn_unmodelled_sampling(args: Any) -> None:
 def _prompt_ids(prompts: Sequence[str | Sequence[int]], processing_class: Any) -> list[list[int]]:
     strings = [p for p in prompts if isinstance(p, str)]
     if strings and len(strings) != len(prompts):
-        raise ValueError("prompts must be all strings or all token-id lists, not a mix")
+        raise ArgumentError("prompts must be all strings or all token-id lists, not a mix")
     if not strings:
         return [[int(t) for t in p] for p in prompts]
     if processing_class is None:
-        raise ValueError("prompts are strings but the trainer has no processing_class (tokenizer) to "
-                         "tokenize them; pass token-id lists instead")
+        raise ArgumentError("prompts are strings but the trainer has no processing_class (tokenizer) to "
+                            "tokenize them; pass token-id lists instead")
     return [list(ids) for ids in processing_class(text=list(strings))["input_ids"]]
 
 
@@ -383,8 +388,8 @@ def _special_ids(eos: int | Sequence[int] | None, pad: int | None, tok: Any,
         if pad is None and source is not None:
             pad = getattr(source, "pad_token_id", None)
     if eos is None:
-        raise ValueError("DeltaHCallback cannot tell the EOS token id (no tokenizer, generation config or "
-                         "config names one): pass eos_token_id=")
+        raise ArgumentError("DeltaHCallback cannot tell the EOS token id (no tokenizer, generation config or "
+                            "config names one): pass eos_token_id=")
     if pad is None:
         pad = eos if isinstance(eos, int) else int(list(eos)[0])
     return eos, int(pad)

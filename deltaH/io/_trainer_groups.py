@@ -16,6 +16,7 @@ The file is read with ``torch.load(weights_only=True)`` only.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltaH.errors import CheckpointError
+from deltaH.io._files import torch_load
 from deltaH.updates.adamw import AdamWState
 
 logger = logging.getLogger(__name__)
@@ -71,10 +74,16 @@ def trainer_groups(model: nn.Module) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------------------- the file
 def read_optimizer_file(path: Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` and a check that it is an optimizer state dict."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch_load(path)  # a truncated or garbage file: CheckpointError naming it
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0][:200]}); deltaH "
+            "never unpickles arbitrary objects: save the optimizer with torch.save(optimizer.state_dict())"
+        ) from e
     if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
         keys = sorted(map(str, sd)) if isinstance(sd, Mapping) else type(sd).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds {keys}, not an optimizer.state_dict() ('state' and 'param_groups'); it was not "
             "written by torch.save(optimizer.state_dict()) (FSDP/DeepSpeed layouts are not supported)."
         )
@@ -109,17 +118,21 @@ def _replay(path: Path, groups: Sequence[Mapping[str, Any]], state: Mapping[Any,
             "optimizer from model.named_parameters() so torch saves param_names, or map the file yourself "
             "with AdamWState.from_state_dict(torch.load(..., weights_only=True), names).")
     if len(groups) != 2:
-        raise ValueError(f"{path} has {len(groups)} param groups and no saved param_names; the HF Trainer "
-                         f"saves 2 (decay, no-decay). {hint}")
+        raise CheckpointError(
+            f"{path} has {len(groups)} param groups and no saved param_names; the HF Trainer saves 2 "
+            f"(decay, no-decay). {hint}"
+        )
     wd1 = groups[1].get("weight_decay", 0.0)
     if float(wd1) != 0.0:
-        raise ValueError(f"{path}: param group 1 has weight_decay={wd1}, but the HF Trainer's no-decay group "
-                         f"has 0.0. {hint}")
+        raise CheckpointError(
+            f"{path}: param group 1 has weight_decay={wd1}, but the HF Trainer's no-decay group has "
+            f"0.0. {hint}"
+        )
     for gi, (group, names) in enumerate(zip(groups, (decay, no_decay), strict=True)):
         ids = list(group["params"])
         if len(ids) != len(names):
             what = "decay" if gi == 0 else "no-decay"
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: param group {gi} holds {len(ids)} parameters but the Trainer's {what} group of "
                 f"this model has {len(names)}; first that does not fit: "
                 f"{_first_misfit(names, ids, state, shapes)}. "
@@ -156,16 +169,18 @@ def _from_param_names(path: Path, groups: Sequence[Mapping[str, Any]], model: nn
             name = saved if saved in params else index.get(saved)
             if name is None:
                 hint = next(iter(n for n, p in params.items() if p.requires_grad), "<none>")
-                raise ValueError(
+                raise CheckpointError(
                     f"{path}: param_names of group {gi} holds {saved!r}, which is no parameter of the loaded "
                     f"model (its trainable names look like {hint!r}). The optimizer was built on another "
                     "model; load the checkpoint it belongs to."
                 )
             if not params[name].requires_grad:
-                raise ValueError(f"{path}: the optimizer trains {saved!r} but the loaded model holds it "
-                                 f"frozen ({name!r}); the trainable set cannot be matched.")
+                raise CheckpointError(f"{path}: the optimizer trains {saved!r} but the loaded model holds it "
+                                      f"frozen ({name!r}); the trainable set cannot be matched.")
             if name in order:
-                raise ValueError(f"{path}: param_names {saved!r} and another entry both map to {name!r}.")
+                raise CheckpointError(
+                    f"{path}: param_names {saved!r} and another entry both map to {name!r}."
+                )
             order.append(name)
     untrained = [n for n, p in params.items() if p.requires_grad and n not in set(order)]
     for n in untrained:
@@ -192,7 +207,7 @@ def optimizer_state_from_file(path: Path, model: nn.Module, device: torch.device
     if groups and all(with_names):
         order = _from_param_names(path, groups, model)
     elif any(with_names):
-        raise ValueError(f"{path}: only some param groups carry param_names; the file is inconsistent.")
+        raise CheckpointError(f"{path}: only some param groups carry param_names; the file is inconsistent.")
     else:
         order = _replay(path, groups, state, model, shapes)
     on_device = {pid: {k: (v.to(device) if isinstance(v, Tensor) and k != "step" else v)
@@ -204,5 +219,5 @@ def optimizer_state_from_file(path: Path, model: nn.Module, device: torch.device
     try:
         st = AdamWState.from_state_dict(plain, {n: shapes[n] for n in order})
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise CheckpointError(f"{path}: {e}") from e
     return st, [float(g["lr"]) for g in groups]

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,11 +32,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from deltaH.errors import ArgumentError, CheckpointError, DeviceError, NotFoundError
 from deltaH.functional import _check_adapters
+from deltaH.io._files import check_safetensors, check_torch_archive, safetensors_files, torch_load
 from deltaH.io._trainer_groups import optimizer_state_from_file
 from deltaH.updates.adamw import AdamWState
 
-__all__ = ["AdapterInfo", "Checkpoint", "load_checkpoint"]
+__all__ = [
+    "AdapterInfo", "Checkpoint", "check_checkpoint", "check_device", "load_checkpoint", "tokenizer_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,9 @@ _FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 _OPTIMIZER, _SCHEDULER, _TRAINER_STATE = "optimizer.pt", "scheduler.pt", "trainer_state.json"
+# Messages name the config key and the API argument: the same loader serves the CLI and scripts.
+_BASE_FIX = ("set the base model (a local folder or hub id): config key checkpoint.base_model, e.g. "
+             "--set checkpoint.base_model=/path/to/base (API: base_model=)")
 
 
 @dataclass(frozen=True)
@@ -120,10 +128,11 @@ class Checkpoint:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} cannot be read as JSON: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e}): is it corrupt or truncated? Re-save "
+                              "the checkpoint") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object.")
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object.")
     return data
 
 
@@ -134,20 +143,20 @@ def _kind_of(folder: Path) -> tuple[Kind, bool]:
     full = "config.json" in has and any(f in has for f in _FULL_WEIGHTS)
     trainer = _OPTIMIZER in has or _TRAINER_STATE in has
     if adapter and any(f in has for f in _FULL_WEIGHTS):
-        raise ValueError(
+        raise CheckpointError(
             f"{folder} holds both a peft adapter (adapter_config.json) and full model weights: a merged "
             "model saved beside its adapter? deltaH needs the LoRA parameters live (a merged adapter no "
             "longer acts). Point at a folder with only the adapter, or only the full model."
         )
     if adapter and "adapter_model.safetensors" not in has:
-        raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors; deltaH reads "
-                         "safetensors only (re-save with save_pretrained()).")
+        raise CheckpointError(f"{folder} has adapter_config.json but no adapter_model.safetensors; deltaH "
+                              "reads safetensors only (re-save with save_pretrained()).")
     if not (adapter or full):
         pickled = sorted(has & set(_PICKLED_WEIGHTS))
         why = (f"it has only pickled weights {pickled}; deltaH reads safetensors only (re-save with "
                "save_pretrained())" if pickled else "expected config.json + model.safetensors, or "
                "adapter_config.json + adapter_model.safetensors")
-        raise ValueError(f"{folder} holds nothing deltaH can load ({why}). Files: {sorted(has)[:12]}")
+        raise CheckpointError(f"{folder} holds nothing deltaH can load ({why}). Files: {sorted(has)[:12]}")
     return ("trainer" if trainer else "adapter" if adapter else "model"), adapter
 
 
@@ -157,12 +166,11 @@ def _resolve_base(folder: Path, base_model: str | os.PathLike[str] | None) -> st
 
     cfg_path = folder / "adapter_config.json"
     if base_model is not None:
-        given, source = os.fspath(base_model), "base_model="
+        given, source = os.fspath(base_model), "checkpoint.base_model / base_model="
     else:
         given, source = _read_json(cfg_path).get("base_model_name_or_path") or "", f"{cfg_path}"
         if not given:
-            raise ValueError(f"{cfg_path} names no base_model_name_or_path; pass base_model=<folder or "
-                             "hub id>.")
+            raise CheckpointError(f"{cfg_path} names no base_model_name_or_path; {_BASE_FIX}.")
     p = Path(given).expanduser()
     if base_model is None and not p.is_absolute() and (folder / p).is_dir():
         return str((folder / p).resolve())
@@ -171,10 +179,10 @@ def _resolve_base(folder: Path, base_model: str | os.PathLike[str] | None) -> st
     try:
         cached_file(given, "config.json")
     except OSError as e:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"base model {given!r} (from {source}) is not a local folder, and the hub cannot provide it "
             f"({'HF_HUB_OFFLINE is set' if os.environ.get('HF_HUB_OFFLINE') else str(e).splitlines()[0]}). "
-            "Pass base_model=<local folder or hub id of the base model>."
+            f"{_BASE_FIX}."
         ) from e
     return given
 
@@ -189,13 +197,21 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype | str | None, attn: s
     )
 
 
+def tokenizer_folder(folders: Sequence[str | Path]) -> Path | None:
+    """The first folder that holds tokenizer files (where :func:`load_checkpoint` loads it from)."""
+    for f in folders:
+        if Path(f).is_dir() and any((Path(f) / n).is_file() for n in _TOKENIZER_FILES):
+            return Path(f)
+    return None
+
+
 def _tokenizer(folders: list[str | Path], trust_remote_code: bool) -> Any | None:
     from transformers import AutoTokenizer
 
-    for f in folders:
-        if Path(f).is_dir() and any((Path(f) / n).is_file() for n in _TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(f, trust_remote_code=trust_remote_code)
-    return None
+    where = tokenizer_folder(folders)
+    if where is None:
+        return None
+    return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
 def _adapter_info(model: nn.Module) -> dict[str, AdapterInfo]:
@@ -228,7 +244,7 @@ def _check_scheduler(folder: Path, group_lrs: list[float]) -> None:
     if not path.is_file():
         return
     try:
-        sched = torch.load(path, map_location="cpu", weights_only=True)
+        sched = torch_load(path)  # a truncated or garbage file: CheckpointError naming it
     except pickle.UnpicklingError as e:  # a custom scheduler whose state is not plain data: not needed
         logger.info("%s not read (weights_only refused it: %s)", path, str(e).splitlines()[0])
         return
@@ -236,8 +252,75 @@ def _check_scheduler(folder: Path, group_lrs: list[float]) -> None:
     if isinstance(last, list) and len(last) == len(group_lrs):
         for gi, (a, b) in enumerate(zip(last, group_lrs, strict=True)):
             if abs(float(a) - b) > 1e-12 * max(abs(b), 1e-30):
-                raise ValueError(f"{path} says the last lr of group {gi} is {a} but {folder / _OPTIMIZER} "
-                                 f"holds lr={b}: the files disagree, so the next step's lr is unknown.")
+                raise CheckpointError(
+                    f"{path} says the last lr of group {gi} is {a} but {folder / _OPTIMIZER} holds lr={b}: "
+                    "the files disagree, so the next step's lr is unknown."
+                )
+
+
+# ----------------------------------------------------------------------------------------- cheap checks
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; a ``DeviceError`` if this machine cannot use it.
+
+    Called before anything loads, so ``device="cuda"`` on a CPU machine fails at once with a fix.
+    """
+    fix = "use cpu: config key checkpoint.device (cpu, or auto = cuda if available), API: device="
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"device {device!r} is not a torch device ({e}); {fix}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"device {str(device)!r} is not available: {why}; {fix}")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {str(device)!r} is not available: this machine has {n} CUDA "
+                              f"device(s) (cuda:0 .. cuda:{n - 1}); {fix}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r} is not available (torch.backends.mps); {fix}")
+    return dev
+
+
+def check_checkpoint(path: str | os.PathLike[str], *, base_model: str | os.PathLike[str] | None = None,
+                     optimizer: bool = True) -> tuple[Kind, str | None]:
+    """Cheap checks that :func:`load_checkpoint` can read ``path``, before any weights load.
+
+    The folder exists and holds a model or adapter (``_kind_of``); its JSON files parse; every
+    ``.safetensors`` header is intact and covers the file (a truncated copy fails here); an adapter's
+    base model resolves; ``optimizer.pt`` (required when ``optimizer``, for a trainer checkpoint)
+    has an intact zip directory. Returns the folder's kind and an adapter's resolved base model.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise NotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder); check config "
+                            "key checkpoint.path (API: path=)")
+    kind, is_adapter = _kind_of(folder)
+    for name in ("adapter_config.json", "config.json", _TRAINER_STATE):
+        if (folder / name).is_file():
+            _read_json(folder / name)
+    for f in safetensors_files(folder):
+        check_safetensors(f)
+    base: str | None = None
+    if is_adapter:
+        base = _resolve_base(folder, base_model)
+        if Path(base).is_dir():
+            for f in safetensors_files(Path(base)):
+                check_safetensors(f)
+    elif base_model is not None:
+        raise ArgumentError(
+            f"base model {os.fspath(base_model)!r} was given (config key checkpoint.base_model, API: "
+            f"base_model=) but {folder} holds a full model, not an adapter; drop it."
+        )
+    if optimizer and kind == "trainer":
+        if not (folder / _OPTIMIZER).is_file():
+            raise NotFoundError(
+                f"{folder} is a trainer checkpoint without {_OPTIMIZER} (saved with save_only_model=True?); "
+                "deltaH rebuilds the AdamW step from it: point checkpoint.path at a checkpoint saved with "
+                "its optimizer state (API: pass optimizer=False to load the weights alone)."
+            )
+        check_torch_archive(folder / _OPTIMIZER)
+    return kind, base
 
 
 # ----------------------------------------------------------------------------------------- the loader
@@ -248,33 +331,25 @@ def load_checkpoint(path: str | os.PathLike[str], *, base_model: str | os.PathLi
     """Load an HF model folder, a peft adapter folder, or a Trainer/TRL ``checkpoint-N/`` folder.
 
     ``base_model`` overrides an adapter's ``base_model_name_or_path``; ``dtype=None`` keeps the saved
-    dtype; ``optimizer=False`` skips ``optimizer.pt``. ``max_grad_norm`` is stored as given (the
-    Trainer's value lives in the pickled ``training_args.bin``, which is never read).
+    dtype; ``optimizer=False`` skips ``optimizer.pt``. The device and the folder's files are checked
+    first (:func:`check_device`, :func:`check_checkpoint`), so bad input fails before weights load.
+    ``max_grad_norm`` is stored as given (the Trainer's value lives in the pickled
+    ``training_args.bin``, which is never read).
 
     >>> ckpt = load_checkpoint("out/checkpoint-100", max_grad_norm=1.0)
     >>> delta, _ = adamw_step(lm.params, grads, ckpt.optimizer_state, ckpt.max_grad_norm)
     """
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder).")
-    kind, is_adapter = _kind_of(folder)
     if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping.")
-    if kind == "trainer" and optimizer and not (folder / _OPTIMIZER).is_file():
-        raise FileNotFoundError(f"{folder} is a trainer checkpoint without {_OPTIMIZER} (save_only_model?); "
-                                "pass optimizer=False to load the weights alone.")
-
-    base_path: str | None = None
-    if is_adapter:
+        raise ArgumentError(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping.")
+    check_device(device)
+    folder = Path(path).expanduser()
+    kind, base_path = check_checkpoint(folder, base_model=base_model, optimizer=optimizer)
+    if base_path is not None:  # a peft adapter
         from peft import PeftModel
 
-        base_path = _resolve_base(folder, base_model)
         base = _from_pretrained(base_path, dtype, attn_implementation, trust_remote_code)
         model: nn.Module = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     else:
-        if base_model is not None:
-            raise ValueError(f"base_model={base_model!r} was given but {folder} holds a full model, not an "
-                             "adapter.")
         model = _from_pretrained(folder, dtype, attn_implementation, trust_remote_code)
     model = model.to(device).eval()
     _check_adapters(model)

@@ -2,22 +2,34 @@
 
 Layout and ``summary.json`` schema: ``docs/results-schema.md``. Every write goes to a temporary
 file first and is renamed into place, so an interrupted run leaves valid files; ``progress.json``
-records which analyses are done so ``--resume`` can skip them.
+records which analyses are done so ``--resume`` can skip them. ``run_guard`` wraps a run: its log
+goes to ``run.log`` (with the traceback of a failure), and a folder that a failed run created but
+wrote no result into never blocks the same ``--out``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gzip
 import json
+import logging
 import os
-from collections.abc import Iterable, Mapping
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from deltaH.errors import DeltaHError, OutputExistsError, ResumeError
+
 SUMMARY_GZIP_BYTES = 1 << 20
+RUN_LOG = "run.log"
+# What creating a folder and starting a run write before any analysis finishes: a folder holding only
+# these (sub-folders empty) and no finished step holds no result.
+_SCAFFOLD = frozenset({"config.yaml", "progress.json", RUN_LOG, "arrays", "batches", "plots"})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -51,8 +63,10 @@ def to_jsonable(x: Any) -> Any:
 class ResultsDir:
     """A run's folder. ``create`` refuses an existing non-empty folder; ``open`` resumes one."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owned: bool = False) -> None:
         self.path = Path(path)
+        #: ``create`` made the folder itself (it did not exist): a failed run may remove it again.
+        self.owned = owned
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -60,8 +74,8 @@ class ResultsDir:
         """A new folder: ``out`` if given (must not exist or be empty), else ``parent/<name>-<timestamp>``."""
         if out is not None:
             path = Path(out)
-            if path.exists() and any(path.iterdir()):
-                raise FileExistsError(
+            if path.exists() and any(path.iterdir()) and not cls(path)._failed_without_results():
+                raise OutputExistsError(
                     f"--out {path} already exists and is not empty: deltaH never overwrites results; "
                     "choose a new folder or pass --resume to continue that run"
                 )
@@ -72,20 +86,36 @@ class ResultsDir:
             while path.exists():
                 path = Path(parent) / f"{name}-{stamp}-{i}"
                 i += 1
+        owned = not path.exists()
         for sub in ("", "arrays", "batches", "plots"):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        rd = cls(path)
-        rd.set_progress(status="running", done=[])
+        rd = cls(path, owned=owned)
+        rd.set_progress(status="running", done=[], error=None)
         return rd
 
     @classmethod
-    def open(cls, path: str | Path) -> ResultsDir:
+    def open(cls, path: str | Path, action: str = "resume") -> ResultsDir:
+        """An existing results folder; ``action`` (``resume``, ``inspect``) words the error."""
         p = Path(path)
         if not (p / "progress.json").is_file():
-            raise FileNotFoundError(
-                f"{p} is not a deltaH results folder (no progress.json); cannot resume it"
-            )
+            what = "does not exist" if not p.exists() else "is not a deltaH results folder (no progress.json)"
+            raise ResumeError(f"{p} {what}; cannot {action} it (pass a folder written by 'deltah run')")
         return cls(p)
+
+    def holds_no_results(self) -> bool:
+        """Whether the folder holds only what creating it and starting a run wrote (no finished step)."""
+        if self.progress().get("done"):
+            return False
+        for p in self.path.iterdir():
+            if p.name not in _SCAFFOLD or (p.is_dir() and any(p.iterdir())):
+                return False
+        return True
+
+    def _failed_without_results(self) -> bool:
+        """A folder left by a run that failed before its first result (kept for its run.log): reusable."""
+        return (self.path / "progress.json").is_file() and self.progress().get("status") == "failed" and (
+            self.holds_no_results()
+        )
 
     # -- progress -----------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -160,6 +190,47 @@ class ResultsDir:
     def load_arrays(self) -> dict[str, np.ndarray]:
         manifest = self.read_json("arrays/manifest.json") or {}
         return {k: np.load(self.path / "arrays" / v["file"]) for k, v in manifest.items()}
+
+
+@contextlib.contextmanager
+def run_guard(rd: ResultsDir) -> Iterator[None]:
+    """The edge around a run's work in ``rd``: its log file, its status, and what a failure leaves.
+
+    * The ``deltaH`` loggers also write to ``rd/run.log`` (appended) while the block runs.
+    * Ctrl-C: status ``incomplete`` (continue with ``--resume``).
+    * Any other exception: status ``failed``; the traceback goes to ``run.log`` only (not the
+      console) and the exception gets ``run_log`` (its path) for the caller's message. If
+      ``ResultsDir.create`` made the folder (``rd.owned``) and nothing was produced yet, a
+      ``DeltaHError`` (bad input: its message says it all) removes the folder, so the same ``--out``
+      works again; after any other failure the folder stays for its ``run.log`` and a later
+      ``ResultsDir.create`` may reuse it. A folder given to ``--resume``, one that existed before, and
+      one with results are never removed.
+    """
+    logger = logging.getLogger("deltaH")
+    handler = logging.FileHandler(rd.path / RUN_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        rd.set_progress(status="incomplete", error="interrupted (Ctrl-C); continue with --resume")
+        raise
+    except Exception as exc:
+        rd.set_progress(status="failed", error=f"{type(exc).__name__}: {exc}")
+        # straight to the file: through the logger it would also reach the console's handlers
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run failed: %s: %s",
+                                         (type(exc).__name__, exc), sys.exc_info()))
+        logger.removeHandler(handler)
+        handler.close()
+        if rd.owned and isinstance(exc, DeltaHError) and rd.holds_no_results():
+            shutil.rmtree(rd.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(AttributeError):  # exceptions with __slots__ cannot take it
+                exc.run_log = str(rd.path / RUN_LOG)  # type: ignore[attr-defined]
+        raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def to_numpy(x: Any) -> Any:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from deltaH.config import Config
-from deltaH.errors import ResumeError
-from deltaH.io.results import ResultsDir, to_jsonable
+from deltaH.errors import CheckpointError, ConfigError, ResumeError
+from deltaH.io.results import ResultsDir, run_guard, to_jsonable
 from deltaH.io.schema import RunSummary
 from deltaH.runner import stages as st
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
@@ -77,7 +77,9 @@ def resolve_checkpoints(path: str | Sequence[str]) -> list[str]:
     if any(ch in path for ch in "*?["):
         hits = glob.glob(path)
         if not hits:
-            raise _input_error(f"config key 'checkpoint.path': the glob {path!r} matches no folder")
+            raise ConfigError(
+                f"config key 'checkpoint.path': the glob {path!r} matches no folder", "checkpoint.path"
+            )
 
         def step(p: str) -> tuple[int, str]:
             tail = Path(p).name.rsplit("-", 1)[-1]
@@ -85,14 +87,8 @@ def resolve_checkpoints(path: str | Sequence[str]) -> list[str]:
 
         return sorted(hits, key=step)
     if not Path(path).exists():
-        raise _input_error(f"config key 'checkpoint.path': {path!r} does not exist")
+        raise ConfigError(f"config key 'checkpoint.path': {path!r} does not exist", "checkpoint.path")
     return [path]
-
-
-def _input_error(msg: str) -> Exception:
-    from deltaH.config import ConfigError
-
-    return ConfigError(msg)
 
 
 def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
@@ -112,12 +108,12 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
     )
     if ckpt.optimizer_state is None:
-        raise _input_error(
+        raise CheckpointError(
             f"checkpoint {ckpt_path} has no optimizer state (optimizer.pt): deltaH needs it to rebuild "
             "the AdamW step; point checkpoint.path at a trainer checkpoint-N folder"
         )
     if ckpt.tokenizer is None:
-        raise _input_error(
+        raise CheckpointError(
             f"checkpoint {ckpt_path} has no tokenizer files; save the tokenizer beside the model"
         )
     lm = FunctionalLM.from_model(ckpt.model)
@@ -221,23 +217,20 @@ def run(
     returned untouched. ``on_stage(name, event)`` sees each stage start and finish ("computed" or
     "cached")."""
     paths = resolve_checkpoints(cfg.checkpoint.path)
+    from deltaH.preflight import preflight
+
+    preflight(cfg, paths)  # bad input fails here, before a results folder exists
     rd = open_results(cfg, out, resume)
     if resume is not None and rd.progress().get("status") == "complete":
         log.info("%s is already complete: nothing to do", rd.path)
         return rd.path
     rd.set_progress(status="running", error=None)
-    try:
+    with run_guard(rd):  # run.log, status on failure, removal of a folder a failed run left empty
         if len(paths) == 1:
             analyse_checkpoint(cfg, paths[0], rd, quiet, on_stage)
         else:
             from deltaH.runner.study import run_study
 
             run_study(cfg, paths, rd, quiet, on_stage)
-    except KeyboardInterrupt:
-        rd.set_progress(status="incomplete", error="interrupted (Ctrl-C); continue with --resume")
-        raise
-    except Exception as exc:
-        rd.set_progress(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
     rd.set_progress(status="complete", error=None)
     return rd.path

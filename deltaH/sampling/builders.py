@@ -12,7 +12,7 @@
 
 ``std`` is the unbiased ``torch.std`` (as in TRL); rewards and advantages are float32 (as in TRL).
 A group whose ``G`` rewards are all equal has zero advantage and no gradient; such groups in ``U``
-get fresh responses (same prompts) up to ``max_resample_attempts`` times, then a ``ValueError``.
+get fresh responses (same prompts) up to ``max_resample_attempts`` times, then a ``DataError``.
 
 Rows are group-major (group ``k`` is rows ``k·G .. k·G + G − 1``). All randomness comes from one
 ``torch.Generator`` seeded with ``seed``: the prompt draw first, then the sampler, then any
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch
+from deltaH.errors import ArgumentError, CheckpointError, DataError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 from deltaH.sampling.sampler import pack, sample
@@ -142,7 +143,7 @@ def build_eval_batch(
     _check_int("group_size", group_size, 1)
     _check_int("total_sequences", total_sequences, 1)
     if total_sequences % group_size:
-        raise ValueError(
+        raise ArgumentError(
             f"total_sequences={total_sequences} is not a multiple of group_size={group_size}: E is made "
             f"of whole groups; use e.g. total_sequences={-(-total_sequences // group_size) * group_size}"
         )
@@ -193,23 +194,24 @@ def build_update_batch(
     ``reward_fn(completions, records)`` gets the decoded responses and the row's records (``N``
     each) and returns ``N`` finite rewards. Groups whose rewards are all equal are drawn again
     (fresh responses, same prompt) up to ``max_resample_attempts`` times; if any is still
-    degenerate a ``ValueError`` says how many. Returns an :class:`UpdateBatch` of ``N = B_U · G``
+    degenerate a ``DataError`` says how many. Returns an :class:`UpdateBatch` of ``N = B_U · G``
     rows, group-major.
     """
     _check_records(records)
     _check_int("n_prompts", n_prompts, 1)
     if n_prompts > len(records):
-        raise ValueError(
+        raise DataError(
             f"n_prompts={n_prompts} exceeds the {len(records)} records: U needs distinct prompts; "
-            "lower n_prompts or load more prompts"
+            "lower n_prompts (config key update_batch.n_prompts) or load more prompts (data.path, "
+            "data.limit)"
         )
     if _check_int("group_size", group_size, 1) < 2:
-        raise ValueError(
+        raise ArgumentError(
             f"group_size={group_size}: a GRPO group needs >= 2 responses (one response has zero advantage)"
         )
     _check_int("max_resample_attempts", max_resample_attempts, 0)
     if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        raise ArgumentError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
     g = torch.Generator().manual_seed(_check_int("seed", seed, None))
     chosen = torch.randperm(len(records), generator=g)[:n_prompts].tolist()
@@ -239,11 +241,12 @@ def build_update_batch(
     if flat:
         ids = [records[chosen[k]].id for k in flat]
         more = " ..." if len(ids) > 10 else ""
-        raise ValueError(
+        raise DataError(
             f"{len(flat)} of {n_prompts} groups in U still have identical rewards for all {G} responses "
             f"after {max_resample_attempts} re-draws (record ids {ids[:10]}{more}); "
             "their advantages are zero. Use a larger group_size, different prompts (or seed), or a "
-            "higher max_resample_attempts"
+            "higher max_resample_attempts (config keys update_batch.group_size, seed, "
+            "update_batch.max_resample_attempts)"
         )
     r_t = torch.tensor(rewards, dtype=torch.float32)
     return UpdateBatch(
@@ -277,13 +280,13 @@ def _rows(b: EvalBatch | UpdateBatch) -> list[dict[str, Any]]:
 def _check_int(name: str, value: int, low: int | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
-        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+        raise ArgumentError(f"{name} must be an int{bound}, got {value!r}")
     return value
 
 
 def _check_records(records: Sequence[PromptRecord]) -> None:
     if len(records) == 0:
-        raise ValueError("records is empty: load at least one prompt (deltaH.sampling.data.load_prompts)")
+        raise ArgumentError("records is empty: load at least one prompt (deltaH.sampling.data.load_prompts)")
 
 
 def _special_ids(
@@ -293,7 +296,10 @@ def _special_ids(
     if eos is None:
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id: pass eos_token_id explicitly")
+            raise CheckpointError(
+                "the tokenizer has no eos_token_id: set it in the checkpoint's tokenizer files, or (API) "
+                "pass eos_token_id explicitly"
+            )
     eos_out: int | list[int] = eos if isinstance(eos, int) else list(eos)
     if pad is None:
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -314,12 +320,12 @@ def _encode(
     for i in dict.fromkeys(chosen):
         ids = list(tokenizer.encode(records[i].prompt, add_special_tokens=add_special_tokens))
         if not ids:
-            raise ValueError(
+            raise DataError(
                 f"record {records[i].id!r}: the prompt encodes to no tokens; the sampler needs at least "
-                "one (fix the prompt, or pass add_special_tokens=True to prepend BOS)"
+                "one (fix the prompt in the data file, data.path; API: add_special_tokens=True prepends BOS)"
             )
         if max(ids) >= lm.vocab_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"record {records[i].id!r}: token id {max(ids)} is outside the model's vocabulary "
                 f"({lm.vocab_size}); the tokenizer does not belong to this model"
             )

@@ -3,7 +3,7 @@
 ``load_prompts`` reads rows, takes the prompt and (optionally) the reference answer from named
 fields, applies a template and returns ``PromptRecord`` s. Rows are numbered from 0 in file order;
 the row number is the record id unless ``id_field`` names one. Every problem with the data is a
-``DatasetError`` naming the file, the row (and line, for JSONL) and the field.
+``DataError`` (``deltaH.errors``) naming the file, the row (and line, for JSONL) and the field.
 
 Answers are reduced to their final answer at load time (GSM8K's ``"... #### 72"`` → ``"72"``,
 ``"... \\boxed{3}"`` → ``"3"``); text without ``####`` or ``\\boxed{}`` is kept as written
@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltaH.errors import ArgumentError, DataError, NotFoundError
 from deltaH.sampling.rewards import extract_answer
 
-__all__ = ["DatasetError", "PromptRecord", "load_prompts"]
+__all__ = ["DataError", "DatasetError", "PromptRecord", "load_prompts"]
 
 Row = tuple[dict[str, Any], str]  # (row, where it is: "row 3" or "row 3 (line 5)")
 
 
-class DatasetError(ValueError):
-    """A prompt file that cannot be read, or a row without a usable field."""
+#: The data family's error (``deltaH.errors.DataError``); the old name stays importable.
+DatasetError = DataError
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,12 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e}); re-encode the file as UTF-8") from e
+        raise DataError(f"{path}: not UTF-8 text ({e}); re-encode the file as UTF-8") from e
 
 
 def _check_object(path: Path, obj: Any, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise DatasetError(
+        raise DataError(
             f"{path}: {where} is a JSON {type(obj).__name__}, not an object; every row must be "
             '{"field": value, ...}'
         )
@@ -76,7 +77,7 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(
+            raise DataError(
                 f"{path}: line {lineno} (row {row}) is not valid JSON: {e.msg} at column {e.colno}; "
                 "JSONL needs one JSON object per line"
             ) from e
@@ -93,7 +94,7 @@ def _iter_json(path: Path) -> Iterator[Row]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("["):
-                raise DatasetError(
+                raise DataError(
                     f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
                     "a .json file must hold a list of objects (or one object per line)"
                 ) from e
@@ -113,21 +114,21 @@ def _iter_csv(path: Path) -> Iterator[Row]:
             return
         if len(set(header)) != len(header):
             dup = sorted({h for h in header if header.count(h) > 1})
-            raise DatasetError(f"{path}: the CSV header repeats columns {dup}; column names must be unique")
+            raise DataError(f"{path}: the CSV header repeats columns {dup}; column names must be unique")
         i = 0
         for cells in reader:
             if not cells:
                 continue  # blank line
             where = f"row {i} (line {reader.line_num})"
             if len(cells) != len(header):
-                raise DatasetError(
+                raise DataError(
                     f"{path}: {where} has {len(cells)} cells but the header has {len(header)} columns; "
                     "quote cells that contain commas"
                 )
             yield dict(zip(header, cells, strict=True)), where
             i += 1
     except csv.Error as e:
-        raise DatasetError(f"{path}: malformed CSV at line {reader.line_num}: {e}") from e
+        raise DataError(f"{path}: malformed CSV at line {reader.line_num}: {e}") from e
 
 
 def _iter_parquet(path: Path) -> Iterator[Row]:
@@ -138,7 +139,7 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises its own error types for corrupt files
-        raise DatasetError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
     for i, rec in enumerate(rows):
         yield rec, f"row {i}"
 
@@ -149,7 +150,7 @@ def _iter_hf_folder(path: Path) -> Iterator[Row]:
             splits = list(json.loads(_read_text(path / "dataset_dict.json"))["splits"])
         except (ValueError, KeyError, TypeError):
             splits = []
-        raise DatasetError(
+        raise DataError(
             f"{path} holds a DatasetDict with splits {splits}; pass one split's folder, "
             f"e.g. {path / (splits[0] if splits else 'train')}"
         )
@@ -161,7 +162,7 @@ def _iter_hf_folder(path: Path) -> Iterator[Row]:
         ) from e
     ds = datasets.load_from_disk(str(path))
     if not isinstance(ds, datasets.Dataset):
-        raise DatasetError(f"{path}: load_from_disk returned a {type(ds).__name__}; pass one split's folder")
+        raise DataError(f"{path}: load_from_disk returned a {type(ds).__name__}; pass one split's folder")
     for i, rec in enumerate(ds):
         yield dict(rec), f"row {i}"
 
@@ -171,13 +172,13 @@ _SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 def _iter_rows(path: Path) -> Iterator[Row]:
     if not path.exists():
-        raise FileNotFoundError(f"prompt dataset {path} does not exist; check the path")
+        raise NotFoundError(f"prompt dataset {path} does not exist; check the path (config key data.path)")
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_info.json").is_file() or (
             path / "dataset_dict.json"
         ).is_file():
             return _iter_hf_folder(path)
-        raise DatasetError(
+        raise DataError(
             f"{path} is a directory but not a datasets.save_to_disk folder (no state.json or "
             f"dataset_info.json); pass a {'/'.join(_SUFFIXES)} file or a saved dataset folder"
         )
@@ -188,7 +189,7 @@ def _iter_rows(path: Path) -> Iterator[Row]:
         return _iter_csv(path)
     if suffix == ".parquet":
         return _iter_parquet(path)
-    raise DatasetError(
+    raise DataError(
         f"{path}: unknown prompt file type {suffix!r}; use one of {list(_SUFFIXES)} "
         "or a datasets.save_to_disk folder"
     )
@@ -206,17 +207,17 @@ def _check_template(template: str, system_prompt: str | None) -> None:
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise ValueError(
+        raise ArgumentError(
             f"template {template!r} is not a valid format string ({e}); write literal braces as {{{{ }}}}"
         ) from e
     if "prompt" not in names or not names <= {"prompt", "system_prompt"}:
-        raise ValueError(
+        raise ArgumentError(
             f"template {template!r} must be 'plain', 'chat' or a format string with {{prompt}} "
             f"(and optionally {{system_prompt}}); found fields {sorted(names)}. "
             "Write literal braces as {{ }}"
         )
     if system_prompt is not None and "system_prompt" not in names:
-        raise ValueError(
+        raise ArgumentError(
             f"system_prompt is set but template {template!r} has no {{system_prompt}} field; add it or "
             "drop system_prompt"
         )
@@ -224,13 +225,13 @@ def _check_template(template: str, system_prompt: str | None) -> None:
 
 def _check_tokenizer(tokenizer: Any) -> None:
     if tokenizer is None:
-        raise ValueError(
+        raise ArgumentError(
             "template='chat' needs tokenizer=...: pass the model's tokenizer, or use template='plain'"
         )
     if not hasattr(tokenizer, "apply_chat_template") or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise DataError(
             f"template='chat': tokenizer {type(tokenizer).__name__} has no chat_template; set "
-            "tokenizer.chat_template, or use template='plain' or a format string"
+            "tokenizer.chat_template, or use template 'plain' or a format string (config key data.template)"
         )
 
 
@@ -249,8 +250,9 @@ def _apply_template(prompt: str, template: str, system_prompt: str | None, token
 
 def _get(path: Path, rec: dict[str, Any], where: str, name: str, arg: str) -> Any:
     if name not in rec:
-        raise DatasetError(
-            f"{path}: {where} has no field {name!r} (available: {sorted(rec)}); pass {arg}= one of them"
+        raise DataError(
+            f"{path}: {where} has no field {name!r} (available: {sorted(rec)}); set data.{arg} (API: {arg}=) "
+            "to one of them"
         )
     return rec[name]
 
@@ -262,9 +264,9 @@ def _text(path: Path, value: Any, where: str, name: str, arg: str, numbers: bool
     if not isinstance(value, str) or not value.strip():
         what = "empty" if isinstance(value, str) else f"{type(value).__name__} {value!r}"[:80]
         kind = "string or a number" if numbers else "string"
-        raise DatasetError(
+        raise DataError(
             f"{path}: {where} field {name!r} ({arg}) is {what}; it must be a non-empty {kind}. "
-            f"Fix the row or choose another {arg}"
+            f"Fix the row or choose another field (data.{arg}; API: {arg}=)"
         )
     return value
 
@@ -281,7 +283,7 @@ def _record(path: Path, rec: dict[str, Any], where: str, index: int, opts: _Opti
     if opts.id_field is not None:
         value = _get(path, rec, where, opts.id_field, "id_field")
         if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
-            raise DatasetError(
+            raise DataError(
                 f"{path}: {where} field {opts.id_field!r} (id_field) is {value!r}; ids must be "
                 "non-empty strings or integers"
             )
@@ -320,11 +322,11 @@ def load_prompts(
     first ``limit`` rows; rows after them are not parsed or checked. Ids must be unique.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise ArgumentError(f"limit must be a positive integer or None, got {limit!r}")
     fields = {"prompt_field": prompt_field, "answer_field": answer_field, "id_field": id_field}
     for arg, value in fields.items():
         if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{arg} must be a non-empty field name, got {value!r}")
+            raise ArgumentError(f"{arg} must be a non-empty field name, got {value!r}")
     _check_template(template, system_prompt)
     if template == "chat":
         _check_tokenizer(tokenizer)
@@ -335,12 +337,12 @@ def load_prompts(
     for i, (rec, where) in enumerate(itertools.islice(_iter_rows(p), limit)):
         r = _record(p, rec, where, i, opts)
         if r.id in seen:
-            raise DatasetError(
+            raise DataError(
                 f"{p}: {where} repeats id {r.id!r} of {seen[r.id]} (id_field={id_field!r}); ids must be "
-                "unique: fix the data or choose another id_field"
+                "unique: fix the data or choose another id field (data.id_field; API: id_field=)"
             )
         seen[r.id] = where
         records.append(r)
     if not records:
-        raise DatasetError(f"{p}: the dataset has no rows; point at a file with at least one prompt")
+        raise DataError(f"{p}: the dataset has no rows; point at a file with at least one prompt")
     return records

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Protocol
 
+from deltaH.errors import ArgumentError, DataError, RewardError
+
 if TYPE_CHECKING:
     from deltaH.sampling.data import PromptRecord
 
@@ -182,16 +184,16 @@ def math_reward(completion: str, answer: str) -> float:
 
 def _answers(completions: list[str], records: list[PromptRecord], name: str) -> list[str]:
     if len(completions) != len(records):
-        raise ValueError(
+        raise ArgumentError(
             f"{name}: got {len(completions)} completions but {len(records)} records; "
             "pass one record per completion (repeat a prompt's record for each of its responses)"
         )
     answers: list[str] = []
     for rec in records:
         if rec.answer is None:
-            raise ValueError(
-                f"{name}: record id={rec.id!r} has no answer; load the prompts with answer_field set "
-                "to the column that holds the reference answer"
+            raise DataError(
+                f"{name}: record id={rec.id!r} has no answer; load the prompts with data.answer_field "
+                "(API: answer_field=) set to the column that holds the reference answer"
             )
         answers.append(rec.answer)
     return answers
@@ -227,7 +229,7 @@ def _resolve(spec: str) -> Any:
     if ":" in spec:
         module, _, attr = spec.partition(":")
         if not module or not attr or ":" in attr:
-            raise ValueError(f"reward {spec!r}: write 'package.module:function' (one colon, both sides)")
+            raise ArgumentError(f"reward {spec!r}: write 'package.module:function' (one colon, both sides)")
         obj = _import_module(spec, module)
         names = attr.split(".")
     else:
@@ -262,12 +264,22 @@ def _resolve(spec: str) -> Any:
     return obj
 
 
-def _checked(fn: Callable[..., Any], spec: str) -> RewardFn:
-    """``fn`` with its output checked: one finite float per completion."""
+def _checked(fn: Callable[..., Any], spec: str, *, user: bool) -> RewardFn:
+    """``fn`` with its output checked: one finite float per completion.
+
+    A ``user`` function that raises is reported as a ``RewardError`` naming ``spec`` (the user's code
+    failed, not their input); a built-in's errors pass through (they are about the records).
+    """
 
     @functools.wraps(fn)
     def reward(completions: list[str], records: list[PromptRecord]) -> list[float]:
-        result = fn(completions, records)
+        if user:
+            try:
+                result = fn(completions, records)
+            except Exception as e:
+                raise RewardError(f"the reward function {spec!r} raised {type(e).__name__}: {e}") from e
+        else:
+            result = fn(completions, records)
         if isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
             raise TypeError(f"reward {spec!r} returned {type(result).__name__}; return a list of floats")
         out = list(result)
@@ -297,18 +309,19 @@ def load_reward_fn(spec: str) -> RewardFn:
     A path is ``"package.module:function"`` (attribute after the colon, may be dotted) or
     ``"package.module.function"`` (the longest importable prefix is the module). The target must be
     a function (or callable instance) taking ``(completions, records)``. The returned function
-    checks that the target returns one finite float per completion.
+    checks that the target returns one finite float per completion, and reports an exception the
+    target raises as a ``deltaH.errors.RewardError`` that names ``spec``.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(
+        raise ArgumentError(
             f"reward spec must be a non-empty string, got {spec!r}; use one of "
             f"{sorted(BUILTIN_REWARDS)} or 'package.module:function'"
         )
     spec = spec.strip()
     if spec.lower() in BUILTIN_REWARDS:
-        return _checked(BUILTIN_REWARDS[spec.lower()], spec)
+        return _checked(BUILTIN_REWARDS[spec.lower()], spec, user=False)
     if "." not in spec and ":" not in spec:
-        raise ValueError(
+        raise ArgumentError(
             f"reward spec {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}) nor a dotted path; "
             "write 'package.module:function'"
         )
@@ -328,4 +341,4 @@ def load_reward_fn(spec: str) -> RewardFn:
         ) from e
     except ValueError:
         pass  # no inspectable signature (some builtins): checked when called
-    return _checked(obj, spec)
+    return _checked(obj, spec, user=True)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch
+from deltaH.errors import ArgumentError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 
@@ -88,9 +89,9 @@ def sample(
     (pad,) = _check_ids("pad_token_id", pad_token_id, vocab, single=True)
     for name, val in (("max_new_tokens", max_new_tokens), ("n_per_prompt", n_per_prompt)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+            raise ArgumentError(f"{name} must be an int >= 1, got {val!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1 or None (all rows at once), got {batch_size!r}")
+        raise ArgumentError(f"batch_size must be an int >= 1 or None (all rows at once), got {batch_size!r}")
     if not isinstance(policy, SamplingPolicy):
         raise TypeError(f"policy must be a deltaH.SamplingPolicy, got {type(policy).__name__}")
     if not isinstance(generator, torch.Generator):
@@ -237,7 +238,7 @@ def _check_prompts(prompt_ids: Sequence[Sequence[int]], vocab: int) -> list[list
     if isinstance(prompt_ids, (str, bytes, Tensor)) or not isinstance(prompt_ids, Sequence):
         raise TypeError(f"prompt_ids must be a list of lists of token ids, got {type(prompt_ids).__name__}")
     if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty: pass at least one prompt")
+        raise ArgumentError("prompt_ids is empty: pass at least one prompt")
     out = []
     for i, p in enumerate(prompt_ids):
         try:
@@ -245,12 +246,12 @@ def _check_prompts(prompt_ids: Sequence[Sequence[int]], vocab: int) -> list[list
         except TypeError as e:
             raise TypeError(f"prompt_ids[{i}] must be a sequence of int token ids ({e})") from None
         if not ids:
-            raise ValueError(
+            raise ArgumentError(
                 f"prompt_ids[{i}] is empty: every prompt needs at least one token (e.g. a BOS token)"
             )
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_ids[{i}] has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            raise ArgumentError(f"prompt_ids[{i}] has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         out.append(ids)
     return out
 
@@ -269,7 +270,7 @@ def _check_ids(name: str, value: Any, vocab: int, single: bool = False) -> tuple
         want = "an int token id" if single else "an int token id or a list of them"
         raise TypeError(f"{name} must be {want}, got {value!r}")
     if not ids:
-        raise ValueError(f"{name} is empty: pass at least one token id")
+        raise ArgumentError(f"{name} is empty: pass at least one token id")
     if any(not 0 <= t < vocab for t in ids):
-        raise ValueError(f"{name}={value!r} is outside the vocabulary [0, {vocab})")
+        raise ArgumentError(f"{name}={value!r} is outside the vocabulary [0, {vocab})")
     return ids

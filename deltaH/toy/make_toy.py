@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from deltaH.errors import ArgumentError, OutputExistsError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 from deltaH.sampling.builders import ScaleRewards, UpdateBatch, build_update_batch
@@ -120,10 +121,10 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.grpo_steps <= self.max_steps:
-            raise ValueError(f"grpo_steps={self.grpo_steps} must be in [1, max_steps={self.max_steps}]")
+            raise ArgumentError(f"grpo_steps={self.grpo_steps} must be in [1, max_steps={self.max_steps}]")
         lo, hi = self.pass_band
         if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"pass_band={self.pass_band} must satisfy 0 <= lo <= hi <= 1")
+            raise ArgumentError(f"pass_band={self.pass_band} must satisfy 0 <= lo <= hi <= 1")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
     existing = [p for p in out.iterdir() if p.name in _OUTPUTS or p.name.startswith("checkpoint-")] \
         if out.is_dir() else []
     if existing and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out} already holds toy outputs ({sorted(p.name for p in existing)}); pass --overwrite "
             "(overwrite=True) to replace them, or choose another --out"
         )
@@ -447,7 +448,7 @@ def make_toy(
     cfg = cfg or ToyConfig()
     out = Path(out)
     if base is not None and Path(base).resolve() == (out / "base").resolve():
-        raise ValueError(f"base={base} is the folder this run writes; copy it elsewhere first")
+        raise ArgumentError(f"base={base} is the folder this run writes; copy it elsewhere first")
     _prepare(out, overwrite)
     t0 = time.perf_counter()
     with _one_thread():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deltaH.errors import ArgumentError
 from deltaH.sampling.data import PromptRecord
 
 __all__ = ["OPS", "Problem", "all_problems", "records", "split_problems", "write_prompts"]
@@ -40,9 +41,9 @@ class Problem:
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
-            raise ValueError(f"Problem.op must be one of {OPS}, got {self.op!r}")
+            raise ArgumentError(f"Problem.op must be one of {OPS}, got {self.op!r}")
         if self.a < 0 or self.b < 0:
-            raise ValueError(f"Problem operands must be >= 0, got a={self.a}, b={self.b}")
+            raise ArgumentError(f"Problem operands must be >= 0, got a={self.a}, b={self.b}")
 
     @property
     def prompt(self) -> str:
@@ -56,7 +57,7 @@ class Problem:
 def all_problems(max_operand: int) -> list[Problem]:
     """Every problem with operands in ``[0, max_operand)``, in a fixed order (``2·max_operand²``)."""
     if max_operand < 1:
-        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+        raise ArgumentError(f"max_operand must be >= 1, got {max_operand}")
     return [Problem(a, op, b) for op in OPS for a in range(max_operand) for b in range(max_operand)]
 
 
@@ -67,7 +68,7 @@ def split_problems(*, seed: int, max_operand: int, n_heldout: int) -> tuple[list
     """
     problems = all_problems(max_operand)
     if not 0 < n_heldout < len(problems):
-        raise ValueError(
+        raise ArgumentError(
             f"n_heldout={n_heldout} must be in [1, {len(problems) - 1}] for max_operand={max_operand}"
         )
     random.Random(seed).shuffle(problems)
@@ -97,7 +98,7 @@ def write_prompts(
     """
     extras = [{} for _ in problems] if extra is None else list(extra)
     if len(extras) != len(problems):
-        raise ValueError(f"extra has {len(extras)} rows for {len(problems)} problems")
+        raise ArgumentError(f"extra has {len(extras)} rows for {len(problems)} problems")
     p = Path(path)
     with p.open("w", encoding="utf-8") as f:
         for i, (prob, ex) in enumerate(zip(problems, extras, strict=True)):

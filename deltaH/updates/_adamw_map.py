@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from deltaH.errors import ArgumentError, CheckpointError
+
 _REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
 
 
@@ -57,13 +59,13 @@ def hyper_of_group(group: Mapping[str, Any], where: str) -> AdamWHyper:
     """Read and check one param group's hyper-parameters (``where`` names it in errors)."""
     missing = [k for k in _REQUIRED_GROUP_KEYS if k not in group]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} lacks {missing}: this is not a torch Adam/AdamW param group. deltaH reconstructs "
             "torch.optim.AdamW only; save the optimizer with optimizer.state_dict() of an AdamW."
         )
     wd = _float(group["weight_decay"])
     if wd != 0.0 and not group.get("decoupled_weight_decay", True):
-        raise ValueError(
+        raise CheckpointError(
             f"{where} has weight_decay={wd} with decoupled_weight_decay=False: that is Adam with an L2 "
             "penalty added to the gradient, not AdamW (decoupled decay), and deltaH does not reconstruct "
             "it. Use torch.optim.AdamW (or Adam(decoupled_weight_decay=True)), or weight_decay=0."
@@ -76,7 +78,7 @@ def hyper_of_group(group: Mapping[str, Any], where: str) -> AdamWHyper:
 def _step_of(value: Any, where: str) -> int:
     s = _float(value)
     if not (math.isfinite(s) and s >= 0 and s == int(s)):
-        raise ValueError(f"{where}: step={s} is not a non-negative whole number; the file is corrupt.")
+        raise CheckpointError(f"{where}: step={s} is not a non-negative whole number; the file is corrupt.")
     return int(s)
 
 
@@ -112,7 +114,7 @@ def fields_from_optimizer(optimizer: Any, model: torch.nn.Module, copy: bool) ->
             if id(p) in frozen:
                 continue  # frozen in the model: it cannot get a gradient, so it never steps
             if id(p) not in trainable:
-                raise ValueError(
+                raise CheckpointError(
                     f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is not a "
                     "parameter of the model (matched by identity against model.named_parameters()). "
                     "Pass the model the optimizer was built on (the peft-wrapped one, if it was wrapped)."
@@ -138,7 +140,7 @@ def fields_from_optimizer(optimizer: Any, model: torch.nn.Module, copy: bool) ->
             out.hyper[name] = hyper
     if trainable:
         first = next(iter(trainable.values()))
-        raise ValueError(
+        raise CheckpointError(
             f"trainable parameter {first!r} of the model is in no param group of the optimizer "
             f"({len(trainable)} such). Build the optimizer over every requires_grad parameter, or call "
             f"requires_grad_(False) on the ones it does not train."
@@ -150,7 +152,7 @@ def _check_entry(st: Mapping[str, Any], hyper: AdamWHyper, where: str) -> None:
     need = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.amsgrad else [])
     missing = [k for k in need if k not in st]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} has keys {sorted(st)} and lacks {missing}: it is not torch Adam/AdamW state"
             + (" (amsgrad=True in its group)" if "max_exp_avg_sq" in missing else "")
             + ". deltaH reconstructs torch.optim.AdamW only."
@@ -164,7 +166,7 @@ def _check_shapes(out: StateFields, name: str, want: tuple[int, ...] | None, whe
     want = tuple(out.exp_avg[name].shape) if want is None else want
     for key, t in tensors.items():
         if tuple(t.shape) != want:
-            raise ValueError(
+            raise CheckpointError(
                 f"{where}: parameter {name!r} expects shape {want} but {key} has shape {tuple(t.shape)}; "
                 "the optimizer file cannot be mapped to these parameters. Check that the names are in "
                 "optimizer-id order (replay the trainer's param grouping exactly) and belong to this model."
@@ -179,7 +181,7 @@ def _resolve_names(groups: Sequence[Mapping[str, Any]], names: Sequence[str] | M
         saved = [str(n) for g in groups for n in g["param_names"]]
     if names is None:
         if saved is None:
-            raise ValueError(
+            raise ArgumentError(
                 "names=None but the state dict's param_groups carry no 'param_names' (the HF Trainer and TRL "
                 "do not save them). Pass names: the parameter names in optimizer-id order, e.g. the "
                 "trainer's decay group then its no-decay group, each in named_parameters() order."
@@ -194,18 +196,18 @@ def _resolve_names(groups: Sequence[Mapping[str, Any]], names: Sequence[str] | M
                      min(len(saved), len(order)))
             got = order[i] if i < len(order) else "<end>"
             want = saved[i] if i < len(saved) else "<end>"
-            raise ValueError(
+            raise ArgumentError(
                 f"names disagree with the param_names saved in the file at optimizer id {i}: got {got!r}, "
                 f"file has {want!r}. Pass names=None to use the saved names, or fix the order."
             )
     if len(order) != n_ids:
-        raise ValueError(
+        raise ArgumentError(
             f"the state dict's param_groups hold {n_ids} parameters but {len(order)} names were given; "
             "the optimizer file cannot be mapped. Give exactly one name per optimizer id, in id order."
         )
     if len(set(order)) != len(order):
         dup = next(n for n in order if order.count(n) > 1)
-        raise ValueError(f"name {dup!r} appears twice in names; each optimizer id needs its own name.")
+        raise ArgumentError(f"name {dup!r} appears twice in names; each optimizer id needs its own name.")
     return order
 
 
@@ -220,7 +222,7 @@ def _merged_shapes(names: object, shapes: Mapping[str, ShapeLike] | None) -> dic
         for n, s in src.items():
             shp = tuple(int(d) for d in s)
             if n in out and out[n] != shp:
-                raise ValueError(f"{label}[{n!r}] = {shp} contradicts the shape {out[n]} given in names.")
+                raise ArgumentError(f"{label}[{n!r}] = {shp} contradicts the shape {out[n]} given in names.")
             out[n] = shp
     return out
 
@@ -230,7 +232,7 @@ def fields_from_state_dict(state_dict: Mapping[str, Any],
                            shapes: Mapping[str, ShapeLike] | None, copy: bool) -> StateFields:
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         keys = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"state_dict has {keys}; an optimizer state dict has 'state' and 'param_groups' "
             "(torch.load(path / 'optimizer.pt', weights_only=True))."
         )
@@ -241,10 +243,12 @@ def fields_from_state_dict(state_dict: Mapping[str, Any],
     want = _merged_shapes(names, shapes)
     unknown = sorted(set(want) - set(order))
     if unknown:
-        raise ValueError(f"shapes name {unknown[:3]} which are not among the optimizer's names.")
+        raise ArgumentError(f"shapes name {unknown[:3]} which are not among the optimizer's names.")
     stray = sorted(set(state) - set(ids), key=str)
     if stray:
-        raise ValueError(f"state holds ids {stray[:5]} that no param group lists; the file is inconsistent.")
+        raise CheckpointError(
+            f"state holds ids {stray[:5]} that no param group lists; the file is inconsistent."
+        )
 
     out = StateFields({}, {}, {}, {}, {}, frozenset())
     fresh: set[str] = set()
@@ -259,7 +263,7 @@ def fields_from_state_dict(state_dict: Mapping[str, Any],
             st = state.get(pid, {})
             if len(st) == 0:
                 if name not in want:
-                    raise ValueError(
+                    raise ArgumentError(
                         f"{where} has no saved state (it never had a gradient) and its shape is unknown. "
                         "Pass shapes={name: shape} (or names as a dict name -> shape) so deltaH can "
                         "represent it with zero moments at step 0."

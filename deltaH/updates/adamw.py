@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from deltaH._trees import Tree
+from deltaH.errors import ArgumentError, BatchError, CheckpointError
 from deltaH.updates import _adamw_map
 from deltaH.updates._adamw_map import AdamWHyper, ShapeLike
 
@@ -68,14 +69,14 @@ class AdamWState:
         names = list(self.hyper)
         for f in ("exp_avg", "exp_avg_sq", "step"):
             if set(getattr(self, f)) != set(names):
-                raise ValueError(f"AdamWState.{f} must have exactly the names of AdamWState.hyper")
+                raise ArgumentError(f"AdamWState.{f} must have exactly the names of AdamWState.hyper")
         ams = {n for n in names if self.hyper[n].amsgrad}
         if set(self.max_exp_avg_sq) != ams:
-            raise ValueError("AdamWState.max_exp_avg_sq must hold exactly the names whose group has "
-                             "amsgrad=True")
+            raise ArgumentError("AdamWState.max_exp_avg_sq must hold exactly the names whose group has "
+                                "amsgrad=True")
         if not self.fresh <= set(names):
             extra = sorted(self.fresh - set(names))[:3]
-            raise ValueError(f"AdamWState.fresh names unknown parameters {extra}")
+            raise ArgumentError(f"AdamWState.fresh names unknown parameters {extra}")
         for f in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "hyper"):
             object.__setattr__(self, f, MappingProxyType(dict(getattr(self, f))))
         object.__setattr__(self, "fresh", frozenset(self.fresh))
@@ -167,24 +168,24 @@ def _clip(grads: Mapping[str, Tensor], max_grad_norm: float | None) -> tuple[Tre
 def _check_inputs(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamWState,
                   max_grad_norm: float | None, what: str, lead: int) -> None:
     if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0; pass None to disable clipping "
-                         "(the HF Trainer skips clipping when max_grad_norm <= 0).")
+        raise ArgumentError(f"max_grad_norm={max_grad_norm} must be > 0; pass None to disable clipping "
+                            "(the HF Trainer skips clipping when max_grad_norm <= 0).")
     for name, g in grads.items():
         if name not in params:
-            raise ValueError(f"{what}[{name!r}] has no entry in params; pass θ for every parameter "
+            raise BatchError(f"{what}[{name!r}] has no entry in params; pass θ for every parameter "
                              "with a gradient.")
         if name not in state.hyper:
-            raise ValueError(f"{what}[{name!r}] names a parameter the optimizer state does not hold; drop it "
+            raise BatchError(f"{what}[{name!r}] names a parameter the optimizer state does not hold; drop it "
                              "from the gradients, or build the state from an optimizer that trains it.")
         shape = tuple(params[name].shape)
         if tuple(g.shape[lead:]) != shape or g.dim() != len(shape) + lead:
-            raise ValueError(f"{what}[{name!r}] has shape {tuple(g.shape)} but the parameter has shape "
+            raise BatchError(f"{what}[{name!r}] has shape {tuple(g.shape)} but the parameter has shape "
                              f"{shape}" + (" (per-sequence gradients are [M, *shape])" if lead else ""))
         if tuple(state.exp_avg[name].shape) != shape:
             got = tuple(state.exp_avg[name].shape)
-            raise ValueError(f"optimizer state of {name!r} has shape {got} but the parameter has shape "
-                             f"{shape}: the state belongs to other parameters (check the "
-                             "names order used to map the optimizer file).")
+            raise CheckpointError(f"optimizer state of {name!r} has shape {got} but the parameter has shape "
+                                  f"{shape}: the state belongs to other parameters (check the "
+                                  "names order used to map the optimizer file).")
 
 
 def _dtype(theta: Tensor, state: AdamWState, name: str) -> torch.dtype:
@@ -289,9 +290,11 @@ def unit_lr(tree: Mapping[str, Tensor], state: AdamWState) -> Tree:
     lrs: dict[str, float] = {}
     for name in tree:
         if name not in state.hyper:
-            raise ValueError(f"unit_lr: {name!r} is not in the optimizer state; its lr is unknown.")
+            raise BatchError(f"unit_lr: {name!r} is not in the optimizer state; its lr is unknown.")
         lr = state.hyper[name].lr
         if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"unit_lr: parameter {name!r} has lr={lr}; directions per unit lr need lr > 0.")
+            raise CheckpointError(
+                f"unit_lr: parameter {name!r} has lr={lr}; directions per unit lr need lr > 0."
+            )
         lrs[name] = lr
     return {k: v / lrs[k] for k, v in tree.items()}

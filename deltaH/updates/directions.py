@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch
+from deltaH.errors import BatchError, CheckpointError
 from deltaH.functional import FunctionalLM
 from deltaH.updates.adamw import AdamWState, adamw_decompose, unit_lr
 from deltaH.updates.grads import sequence_logprob_grads
@@ -72,12 +73,12 @@ def update_directions(
     lm.check_names(params)
     missing = [n for n in params if n not in state.names]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"optimizer state has no entry for trainable parameter '{missing[0]}' ({len(missing)} missing): "
             "the state does not belong to this model (or its trainable set differs)"
         )
     if adv.shape != (len(batch),):
-        raise ValueError(
+        raise BatchError(
             f"advantages must have shape [{len(batch)}] (one per update sequence), got {tuple(adv.shape)}"
         )
     coef = loss_coefficients(

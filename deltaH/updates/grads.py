@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch, compact
+from deltaH.errors import ArgumentError, ParameterNameError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 
@@ -58,12 +59,12 @@ def sequence_logprob_grads(
     if policy is not None:
         temperature = policy.temperature
     if int(seq_chunk) < 1:
-        raise ValueError(f"seq_chunk must be >= 1, got {seq_chunk!r}")
+        raise ArgumentError(f"seq_chunk must be >= 1, got {seq_chunk!r}")
     names = list(params) if names is None else list(names)
     for n in names:
         if n not in params:
             if n in lm.params:
-                raise KeyError(f"names: '{n}' is a trainable parameter but is missing from params")
+                raise ParameterNameError(f"names: '{n}' is a trainable parameter but is missing from params")
             lm.check_names({n: torch.empty(0)}, what="names")  # raises with an explanation
     lm.check_names({n: params[n] for n in names})
     rest = {n: t for n, t in params.items() if n not in names}

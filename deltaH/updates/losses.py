@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltaH.errors import ArgumentError, BatchError
+
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -34,9 +36,9 @@ SCALE_REWARDS = ("group", "batch", "none")
 def advantages(rewards: Tensor, scale_rewards: str = "group") -> Tensor:
     """Group-relative advantages ``[B, G]`` from rewards ``[B, G]`` (TRL's rule, see module doc)."""
     if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        raise ArgumentError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G] (prompts × responses), got shape {tuple(rewards.shape)}")
+        raise BatchError(f"rewards must be [B, G] (prompts × responses), got shape {tuple(rewards.shape)}")
     r = rewards.double()
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
@@ -61,18 +63,18 @@ def loss_coefficients(
     ``n_tokens [N]`` response lengths, ``adv [N]`` advantages (flattened prompt-major).
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ArgumentError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     n = int(n_tokens.shape[0])
     if adv.shape != n_tokens.shape:
-        raise ValueError(f"advantages have shape {tuple(adv.shape)} but n_tokens has {tuple(n_tokens.shape)}")
+        raise BatchError(f"advantages have shape {tuple(adv.shape)} but n_tokens has {tuple(n_tokens.shape)}")
     if bool((adv == 0).all()):
-        raise ValueError(
+        raise BatchError(
             "every advantage in the update batch is zero (all groups have equal rewards): the policy "
             "gradient is zero; sample more responses per prompt or use other prompts"
         )
     acc = int(grad_accum_steps)
     if acc < 1 or n % acc:
-        raise ValueError(
+        raise ArgumentError(
             f"grad_accum_steps={grad_accum_steps!r} must be >= 1 and divide the number of update "
             f"sequences ({n}) into equal micro-batches"
         )
@@ -83,7 +85,9 @@ def loss_coefficients(
         return -a / (tok * n_mb * acc)
     if loss_type == "dr_grpo":
         if max_completion_length is None or int(max_completion_length) < 1:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (the trainer's max new tokens)")
+            raise ArgumentError(
+                "loss_type='dr_grpo' needs max_completion_length (the trainer's max new tokens)"
+            )
         return -a / (n_mb * int(max_completion_length) * acc)
     if loss_type == "dapo":
         return -a / tok.sum()
