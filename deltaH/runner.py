@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 import deltaH
-from deltaH.analysis import auto_grid, linear_fits, trust_range
+from deltaH.analysis import auto_grid, linear_fits, rounding_noise, trust_range, trust_summary, trust_warnings
 from deltaH.config import Config
 from deltaH.estimators.first_order import delta_h_first_order
 from deltaH.estimators.influence import covariance_proxy, influence_matrix
@@ -225,6 +225,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             base_model=cfg.checkpoint.base_model,
             dtype=_dtype(cfg.checkpoint.dtype),
             device=_device(cfg.checkpoint.device),
+            max_grad_norm=cfg.checkpoint.max_grad_norm,
         )
         if ckpt.optimizer_state is None:
             raise UserError(
@@ -238,6 +239,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             )
         lm = FunctionalLM.from_model(ckpt.model)
         params = lm.params
+        dtype = str(lm.compute_dtype).removeprefix("torch.")
         data_path = cfg.data.path
         if data_path == "toy":
             from deltaH.toy import toy_prompts_path
@@ -394,6 +396,8 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             len(ev.batch),
             probe[0].khat_threshold,
             check_retained=policy.top_p < 1.0,
+            nucleus_changed=[float(r.nucleus_changed[0]) for r in probe],
+            noise=rounding_noise(dtype, float(probe[0].h_orig), len(ev.batch)),
         )
         if math.isfinite(tr.eta_min):
             etas = auto_grid(tr.eta_min, tr.eta_max, cfg.eta.n_points, eta_ref)
@@ -421,6 +425,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
                 "logw_max",
                 "logw_min",
                 "retained_mass",
+                "nucleus_changed",
             )
         }
         true_part["h_orig"] = float(res[0].h_orig)
@@ -453,22 +458,16 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
     eta_np = np.asarray(etas)
     dh1_arr = eta_np[:, None] * slope[None, :]
 
-    tr_full = trust_range(
-        etas,
-        dh_arr[:, 0],
-        float(slope[0]),
-        [r[0] for r in true_part["ess"]],
-        [r[0] if r[0] is not None else float("nan") for r in true_part["khat"]],
-        [r[0] for r in true_part["retained_mass"]],
-        len(ev.batch),
-        true_part["khat_threshold"],
-        check_retained=policy.top_p < 1.0,
+    trust = trust_summary(  # the one trust rule: every decomposition, every η (deltaH.analysis)
+        etas, DECOMPOSITIONS, true_part, slope.tolist(), len(ev.batch), true_part["khat_threshold"],
+        top_p=policy.top_p < 1.0, dtype=dtype,
+        noise=rounding_noise(dtype, true_part["h_orig"], len(ev.batch)),
     )
     i_ref = int(np.argmin(np.abs(np.log(eta_np) - math.log(eta_ref))))
-    if not tr_full.trusted[i_ref]:
+    if not trust["trusted"][i_ref]:
         warnings_.append(
             f"the reference η = {eta_ref:.3g} is outside the trustworthy range "
-            f"[{tr_full.eta_min:.3g}, {tr_full.eta_max:.3g}]: treat ΔH there with care"
+            f"[{trust['eta_min']:.3g}, {trust['eta_max']:.3g}]: treat ΔH there with care"
         )
     decomp: dict[str, Any] = {}
     for j, name in enumerate(DECOMPOSITIONS):
@@ -483,7 +482,9 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
                     "logw_max",
                     "logw_min",
                     "retained_mass",
+                    "nucleus_changed",
                 )
+                if k in true_part
             },
             "first_order": {
                 "slope": float(slope[j]),
@@ -493,13 +494,16 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             if cfg.analyses.first_order
             else None,
             "second_order": None if so is None else so[:, j].tolist(),
-            "fit": linear_fits(etas, dh_arr[:, j], tr_full.trusted),
+            "fit": linear_fits(etas, dh_arr[:, j], trust["decompositions"][name]["trusted"]),
         }
     rd.save_array("eta", eta_np, "η grid [n_eta]")
     rd.save_array("delta_h", dh_arr, f"true ΔH [n_eta, 4] for {list(DECOMPOSITIONS)}")
     rd.save_array("delta_h1", dh1_arr, "first-order δH₁ [n_eta, 4]")
     rd.save_array("ess", np.asarray(true_part["ess"]), "effective sample size [n_eta, 4]")
     rd.save_array("khat", np.asarray(true_part["khat"], dtype=float), "PSIS k̂ [n_eta, 4]")
+    if "nucleus_changed" in true_part:
+        rd.save_array("nucleus_changed", np.asarray(true_part["nucleus_changed"], dtype=float),
+                      "fraction of E's scored positions whose top-p nucleus moved [n_eta, 4]")
     if cfg.output.detail in ("detailed", "debug"):
         rd.save_array(
             "per_sequence_full",
@@ -597,7 +601,8 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
         "checkpoint": {
             **_describe(ckpt),
             "n_trainable": int(sum(p.numel() for p in params.values())),
-            "dtype": str(lm.dtype).replace("torch.", ""),
+            "dtype": dtype,
+            "trainable_dtype": str(lm.dtype).removeprefix("torch."),
         },
         "batches": {
             "eval": {
@@ -627,18 +632,11 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
         "eta": etas,
         "eta_reference": eta_ref,
         "decompositions": decomp,
-        "trust": {
-            "eta_min": tr_full.eta_min,
-            "eta_max": tr_full.eta_max,
-            "precision_floor": tr_full.precision_floor,
-            "khat_threshold": true_part["khat_threshold"],
-            "trusted": tr_full.trusted,
-            "notes": tr_full.notes,
-        },
+        "trust": trust,
         "influence": influence,
         "kernel": kernel,
         "proxy": proxy,
-        "warnings": warnings_ + tr_full.notes,
+        "warnings": warnings_ + trust_warnings(trust),
     }
     rd.write_json("summary.json", summary, gzip_large=True)
     if cfg.output.plots:
