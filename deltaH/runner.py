@@ -465,9 +465,11 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
     )
     i_ref = int(np.argmin(np.abs(np.log(eta_np) - math.log(eta_ref))))
     if not trust["trusted"][i_ref]:
+        lo, hi = trust["eta_min"], trust["eta_max"]
+        rng = f"[{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) else "(empty)"
         warnings_.append(
-            f"the reference η = {eta_ref:.3g} is outside the trustworthy range "
-            f"[{trust['eta_min']:.3g}, {trust['eta_max']:.3g}]: treat ΔH there with care"
+            f"the reference η = {eta_ref:.3g} is outside the trustworthy range {rng}: treat ΔH there with "
+            "care"
         )
     decomp: dict[str, Any] = {}
     for j, name in enumerate(DECOMPOSITIONS):

@@ -335,3 +335,7 @@ def test_trust_wording(tmp_path: Path) -> None:
     summary["trust"]["top_p"] = False
     text = R.render_report(summary, tmp_path)
     assert "Retained mass at η_ref" not in text and "| retained mass |" not in text
+    summary["trust"].update(precision_floor=1e-6, dtype="bfloat16", noise=7.7e-4)
+    text = R.render_report(summary, tmp_path)
+    assert ("At and below η = 1e-6 the measured change is rounding noise (σ ≥ 7.7e-4 nats of bfloat16 "
+            "rounding noise): the precision floor (computing in float32, checkpoint.dtype=float32") in text

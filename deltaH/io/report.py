@@ -155,12 +155,12 @@ def _headline(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
         if _finite(d1):
             s += f"; the first-order prediction is δH₁ = {fmt(d1)}" + (f" ± {fmt(se)}" if _finite(se) else "")
         para.append(s + ".")
-        if ref.trusted is False:
-            para.append("**Caution:** this η lies outside the trusted range (see Trust).")
-        flagged = [d for d in DECOMPOSITIONS[1:] if verdict(summary, ref.j, d) not in (None, "ok")]
+        flagged = [d for d in DECOMPOSITIONS if verdict(summary, ref.j, d) not in (None, "ok")]
         if flagged:
             para.append(f"**Caution:** at this η ΔH is untrusted for {', '.join(f'`{d}`' for d in flagged)} "
                         "(see Trust).")
+        elif ref.trusted is False:
+            para.append("**Caution:** this η lies outside the trusted range (see Trust).")
     if h is not None:
         rel = f" The step changes it by {_pct(dh, h)}." if _finite(dh) else ""
         para.append(f"Before the step the entropy is H = {fmt(h)} nats per sequence ({fmt(h_tok)} per token, "
@@ -301,8 +301,10 @@ def _trust(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
         floor, noise, dt = tr.get("precision_floor"), tr.get("noise"), tr.get("dtype") or "the model's dtype"
         sig = f"σ ≥ {fmt(noise)} nats of {dt} rounding noise" if _finite(noise) else f"{dt} rounding noise"
         if _finite(floor):
+            half = dt in ("bfloat16", "float16")
+            low = " (computing in float32, checkpoint.dtype=float32, lowers it)" if half else ""
             out.append(f"At and below η = {fmt(floor)} the measured change is rounding noise ({sig}): the "
-                       "precision floor.")
+                       f"precision floor{low}.")
         else:
             out.append(f"No precision floor was found in the sweep ({sig}).")
         thr_s = (f"{thr:.3f} = min(1 − 1/log10 N, 0.7) for N = {fmt(n_eval)}" if _finite(thr) and n_eval
