@@ -227,5 +227,13 @@ class FunctionalLM:
         return next(iter(self.params.values())).dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the logits are computed in (the output layer's weights). It can differ from
+        :attr:`dtype`: peft keeps LoRA adapters in float32 on a bfloat16 base model."""
+        assert self._split is not None
+        w = next(self._split._parts["head"].parameters(), None)
+        return self.dtype if w is None else w.dtype
+
+    @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device

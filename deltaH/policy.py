@@ -97,6 +97,21 @@ class SamplingPolicy:
 
         Rows whose nucleus was decided from a ``topk`` prefix do this math on the prefix only.
         """
+        lq, ent, _ = self._stats(logits, targets, keyed=False)
+        return lq, ent
+
+    def token_stats_keyed(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`token_stats` plus each row's nucleus key ``[..., 2]`` int64 (``None`` when ``p = 1``).
+
+        The key of a kept set ``S`` is ``(|S|, Σ_{v∈S} r_v)`` with fixed pseudo-random integers
+        ``r_v ∈ [0, 2^63 / V)`` (:func:`nucleus_key_table`; the sum cannot overflow). Equal sets have
+        equal keys; two different sets share a key with probability ≤ V / 2^63 (< 2^-45 at
+        V = 152k), and never when they differ in size (a token entering or leaving alone).
+        Comparing keys at θ and θ' tells whether a position's nucleus moved without storing masks.
+        """
+        return self._stats(logits, targets, keyed=True)
+
+    def _stats(self, logits: Tensor, targets: Tensor, keyed: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
         shape = targets.shape
         z = logits.reshape(-1, logits.shape[-1]).to(cd)
@@ -107,7 +122,7 @@ class SamplingPolicy:
         if self.top_p >= 1.0:
             lp = torch.log_softmax(z, dim=-1)
             ent = -(lp.exp() * lp).sum(-1)  # torch.sum: cascaded, accurate in float32 at V = 152k
-            return lp.gather(-1, y).reshape(shape), ent.reshape(shape)
+            return lp.gather(-1, y).reshape(shape), ent.reshape(shape), None
         with torch.no_grad():
             z32 = z.detach() if cd == torch.float32 and self.temperature == 1.0 else self.scaled32(logits)
             nuc = _nucleus(z32.reshape(-1, z.shape[-1]), self.top_p, min(int(self.topk_prefix), z.shape[-1]))
@@ -126,7 +141,8 @@ class SamplingPolicy:
             inside = keep.gather(-1, y[rows]).squeeze(-1)
             logq = logq.index_copy(0, rows, torch.where(inside, lq, ninf[rows]))
             ent = ent.index_copy(0, rows, en)
-        return logq.reshape(shape), ent.reshape(shape)
+        key = _nucleus_keys(nuc, z.shape[0], z.shape[-1], z.device).reshape(*shape, 2) if keyed else None
+        return logq.reshape(shape), ent.reshape(shape), key
 
 
 def _masked_stats(z: Tensor, keep: Tensor, zy: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,3 +220,26 @@ def _prefix_rule(top_z: Tensor, lse: Tensor, thr: float) -> tuple[Tensor, Tensor
     decided &= ~((asc - thr).abs() < _MARGIN).any(-1)  # clearly away from the threshold
     decided &= last != nxt  # no tie at the boundary (HF's sort order would decide it)
     return n_keep, decided
+
+
+def nucleus_key_table(vocab: int, device: torch.device | str = "cpu") -> Tensor:
+    """The fixed integers ``r_v ∈ [0, 2^63 // V)`` ``[V]`` int64 of the nucleus key (seeded, device-free)."""
+    g = torch.Generator().manual_seed(0x5EED_D1A)
+    return torch.randint(0, (2**63 - 1) // max(int(vocab), 1), (int(vocab),), generator=g,
+                         dtype=torch.int64).to(device)
+
+
+def _nucleus_keys(nuc: _Nucleus, n_rows: int, vocab: int, device: torch.device) -> Tensor:
+    """``(|S|, Σ_{v∈S} r_v)`` per row ``[R, 2]`` of the kept sets in ``nuc`` (no ``[R, V]`` mask for
+    rows decided from a prefix)."""
+    table = nucleus_key_table(vocab, device)
+    key = torch.zeros(n_rows, 2, dtype=torch.int64, device=device)
+    for rows, idx, n_keep in nuc.sparse:
+        in_s = torch.arange(idx.shape[1], device=device) < n_keep.unsqueeze(-1)
+        total = torch.where(in_s, table[idx], torch.zeros_like(idx)).sum(-1)
+        key[rows] = torch.stack([n_keep.to(torch.int64), total], dim=-1)
+    if nuc.dense_rows.numel():
+        keep = nuc.dense_keep
+        total = torch.where(keep, table, torch.zeros_like(table)).sum(-1)
+        key[nuc.dense_rows] = torch.stack([keep.sum(-1).to(torch.int64), total], dim=-1)
+    return key

@@ -35,12 +35,18 @@ _HEAD_ELEMENTS = 2**24
 @dataclass(frozen=True)
 class SequenceStats:
     """Per-sequence statistics, float64: ``logq``, ``entropy``, ``surprisal`` shaped ``[N]``
-    (or ``[K, N]`` for K directions); ``n_tokens [N]`` int64."""
+    (or ``[K, N]`` for K directions); ``n_tokens [N]`` int64.
+
+    ``nucleus_key`` (optional, top-p only): the nucleus key ``[P, 2]`` int64 of every scored
+    position in batch order (:meth:`SamplingPolicy.token_stats_keyed`), so that a step's moved
+    nucleus boundaries can be counted without storing masks; ``None`` when ``p = 1`` or not computed.
+    """
 
     logq: Tensor
     entropy: Tensor
     surprisal: Tensor
     n_tokens: Tensor
+    nucleus_key: Tensor | None = None
 
 
 def chunks_of(batch: SequenceBatch, tf_batch_size: int) -> list[Compact]:
@@ -74,6 +80,21 @@ def chunk_token_stats(
     ``shifted`` is ``None`` (θ itself, K = 1) or a stacked tree ``[K, ...]`` of the parameters
     that differ from ``params``. Values are in the policy's compute dtype (float32/float64).
     """
+    lq, en, _ = chunk_token_stats_keyed(lm, params, shifted, c, policy, head_chunk, keyed=False)
+    return lq, en
+
+
+def chunk_token_stats_keyed(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    shifted: Mapping[str, Tensor] | None,
+    c: Compact,
+    policy: SamplingPolicy,
+    head_chunk: int | None = None,
+    keyed: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`chunk_token_stats` plus the nucleus key ``[K, P, 2]`` of every scored position
+    (:meth:`SamplingPolicy.token_stats_keyed`; ``None`` when ``p = 1`` or ``keyed`` is false)."""
     if shifted is None:
         hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
     elif next(iter(shifted.values())).shape[0] == 1:
@@ -92,7 +113,7 @@ def chunk_token_stats(
     h = hidden[:, c.rows, c.pred_pos]  # [K, P, D]: positions that predict a scored token
     head_shifted = {n: t for n, t in (shifted or {}).items() if n in lm.head_names}
     step = head_rows(lm, k, head_chunk)
-    lq_parts, en_parts = [], []
+    lq_parts, en_parts, key_parts = [], [], []
     head_base = {n: t for n, t in params.items() if n not in head_shifted}
 
     def head(sp: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -105,10 +126,16 @@ def chunk_token_stats(
         else:
             logits = lm.head(params, hc)
         tgt = c.targets[s : s + step].expand(k, -1)
-        lq, en = policy.token_stats(logits, tgt)
+        if keyed:
+            lq, en, key = policy.token_stats_keyed(logits, tgt)
+            if key is not None:
+                key_parts.append(key)
+        else:
+            lq, en = policy.token_stats(logits, tgt)
         lq_parts.append(lq)
         en_parts.append(en)
-    return torch.cat(lq_parts, dim=1), torch.cat(en_parts, dim=1)
+    keys = torch.cat(key_parts, dim=1) if key_parts else None
+    return torch.cat(lq_parts, dim=1), torch.cat(en_parts, dim=1), keys
 
 
 def _per_sequence(tok: Tensor, c: Compact) -> Tensor:
@@ -132,6 +159,40 @@ def stats_of_chunks(
         lq_all.append(_per_sequence(lq, c))
         en_all.append(_per_sequence(en, c))
     return torch.cat(lq_all, dim=1), torch.cat(en_all, dim=1)
+
+
+def stats_of_chunks_keyed(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    shifted: Mapping[str, Tensor] | None,
+    chunks: Sequence[Compact],
+    policy: SamplingPolicy,
+    head_chunk: int | None = None,
+    base_key: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`stats_of_chunks` plus nucleus keys: ``(logq, entropy, keys)``.
+
+    Without ``base_key``, ``keys`` is every scored position's nucleus key ``[K, P, 2]`` (positions
+    in batch order: sequence-major, whatever the chunking). With ``base_key [P, 2]`` (θ's keys),
+    ``keys`` is instead the number of positions whose nucleus differs from θ's, ``[K]`` int64
+    (no per-position tensor is kept). ``None`` when ``p = 1``.
+    """
+    lq_all, en_all, key_all = [], [], []
+    changed: Tensor | None = None
+    offset = 0
+    for c in chunks:
+        lq, en, key = chunk_token_stats_keyed(lm, params, shifted, c, policy, head_chunk)
+        lq_all.append(_per_sequence(lq, c))
+        en_all.append(_per_sequence(en, c))
+        if key is not None and base_key is not None:
+            ref = base_key[offset : offset + key.shape[1]].to(key.device)
+            diff = (key != ref.unsqueeze(0)).any(-1).sum(-1)  # [K]
+            changed = diff if changed is None else changed + diff
+        elif key is not None:
+            key_all.append(key)
+        offset += int(c.rows.numel())
+    keys = changed if base_key is not None else (torch.cat(key_all, dim=1) if key_all else None)
+    return torch.cat(lq_all, dim=1), torch.cat(en_all, dim=1), keys
 
 
 def sequence_stats(

@@ -475,3 +475,17 @@ def test_loads_onto_cuda(lora_run: Run) -> None:
     assert all(t.is_cuda for t in theta.values())
     delta, _ = adamw_step(theta, {n: torch.ones_like(t) for n, t in theta.items()}, ck.optimizer_state)
     assert all(d.is_cuda for d in delta.values())
+
+
+def test_bfloat16_toy_reports_the_compute_dtype() -> None:
+    """peft keeps LoRA adapters in float32 on a bfloat16 base model: θ is float32 but the logits (and
+    the rounding noise of ΔH) are bfloat16, so that is the dtype a run must report (issue 9);
+    ``max_grad_norm`` is described as given."""
+    from deltaH.toy import toy_checkpoint_path
+
+    ck = load_checkpoint(toy_checkpoint_path(), dtype=torch.bfloat16, max_grad_norm=1.0)
+    lm = dh.FunctionalLM.from_model(ck.model)
+    assert lm.dtype == torch.float32 and lm.compute_dtype == torch.bfloat16
+    assert ck.describe()["dtype"] == "bfloat16" and ck.describe()["max_grad_norm"] == 1.0
+    f32 = dh.FunctionalLM.from_model(load_checkpoint(toy_checkpoint_path(), optimizer=False).model)
+    assert f32.compute_dtype == f32.dtype == torch.float32

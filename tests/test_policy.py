@@ -378,3 +378,28 @@ def test_sampling_policy_accepts_boundaries() -> None:
     assert SamplingPolicy(top_p=1e-9).nucleus_mask(torch.tensor([[0.0, 1.0, 3.0]])).tolist() == [
         [False, False, True]
     ]
+
+
+@pytest.mark.parametrize("prefix", [1, 4, 64])
+def test_nucleus_key_changes_exactly_where_hf_kept_set_changes(prefix: int) -> None:
+    """``token_stats_keyed``: keys of θ- and θ'-logits differ exactly in the rows where transformers'
+    kept sets differ (checked on rows decided from a prefix and by the sort fallback, V = 500, with
+    perturbations that move some boundaries and not others); keys do not depend on the prefix."""
+    g = torch.Generator().manual_seed(77)
+    logits = torch.cat([s * torch.randn(40, 500, generator=g) for s in (0.3, 2.0, 8.0)])
+    targets = torch.randint(0, 500, (120,), generator=g)
+    bumped = logits + 0.05 * torch.randn(logits.shape, generator=g)
+    for p, tau in ((0.5, 1.0), (0.9, 0.7), (0.95, 1.3)):
+        pol = SamplingPolicy(tau, p, topk_prefix=prefix)
+        lq, ent, k0 = pol.token_stats_keyed(logits, targets)
+        _, _, k1 = pol.token_stats_keyed(bumped, targets)
+        assert k0 is not None and k1 is not None and k0.shape == (120, 2) and k0.dtype == torch.int64
+        moved_hf = (hf_keep(logits, tau, p) != hf_keep(bumped, tau, p)).any(-1)
+        assert torch.equal((k0 != k1).any(-1), moved_hf)
+        assert 0 < int(moved_hf.sum()) < 120  # both outcomes occur
+        assert torch.equal(k0[:, 0], hf_keep(logits, tau, p).sum(-1))  # first entry: the set size
+        plain = pol.token_stats(logits, targets)
+        assert torch.equal(lq, plain[0]) and torch.equal(ent, plain[1])
+        other = SamplingPolicy(tau, p, topk_prefix=3 * prefix)
+        assert torch.equal(k0, other.token_stats_keyed(logits, targets)[2])
+    assert SamplingPolicy(1.0, 1.0).token_stats_keyed(logits, targets)[2] is None

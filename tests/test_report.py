@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from deltaH import analysis as A  # noqa: E402
 from deltaH.io import plots as P  # noqa: E402
 from deltaH.io import report as R  # noqa: E402
 
@@ -25,6 +26,16 @@ ETA_REF = float(ETA[7])  # 1e-3.5 ≈ 3.16e-4, on the grid
 
 def _nan_to_none(a: np.ndarray) -> list[Any]:
     return [None if not np.isfinite(v) else float(v) for v in a]
+
+
+def with_trust(decs: dict[str, Any], h_orig: float, dtype: str = "float32",
+               top_p: bool = True) -> dict[str, Any]:
+    """``summary["trust"]`` as the runner builds it: the one trust rule on every decomposition
+    (``h_orig = 0``: no dtype prior on the precision floor)."""
+    cols = {k: [[decs[d][k][i] for d in DECS] for i in range(ETA.size)]
+            for k in ("delta_h", "ess", "khat", "retained_mass")}
+    return A.trust_summary(list(ETA), DECS, cols, [decs[d]["first_order"]["slope"] for d in DECS], N_E,
+                           0.6, top_p=top_p, noise=A.rounding_noise(dtype, h_orig, N_E), dtype=dtype)
 
 
 def synthetic(tmp_path: Path | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -61,7 +72,6 @@ def synthetic(tmp_path: Path | None = None) -> tuple[dict[str, Any], dict[str, n
             "fit": {"slope_origin": slopes[d] * 1.01, "r2_origin": 0.998, "slope": slopes[d],
                     "intercept": 1e-9, "r2": 0.999, "loglog_slope": 1.02},
         }
-    trusted = [bool(1e-6 <= e <= 1e-2) for e in ETA]
     col_target = rng.normal(-1.2e-4, 1.5e-4, N_U)
     col_target[3] = -1.6e-3  # one update sequence dominates
     m_true = col_target / N_E + 2e-5 * rng.standard_normal((N_E, N_U))
@@ -93,8 +103,7 @@ def synthetic(tmp_path: Path | None = None) -> tuple[dict[str, Any], dict[str, n
         "h_orig": 3.21, "h_orig_per_token": 0.6294, "entropy_mode": "rb",
         "eta": ETA.tolist(), "eta_reference": ETA_REF,
         "decompositions": decs,
-        "trust": {"eta_min": 1e-6, "eta_max": 1e-2, "precision_floor": 1e-6, "khat_threshold": 0.6,
-                  "trusted": trusted, "notes": ["below 1e-6 ΔH stops shrinking with η (float32 precision)"]},
+        "trust": with_trust(decs, 3.21),
         "influence": {
             "eta": ETA_REF, "kind": ["true", "first_order"], "column_delta_h": col.tolist(),
             "top_update": [{"row": int(i), "delta_h": float(col[i]), "reward": float(rewards[i]),
@@ -105,9 +114,9 @@ def synthetic(tmp_path: Path | None = None) -> tuple[dict[str, Any], dict[str, n
         "kernel": None,
         "proxy": {"cov": 0.8, "delta_h_per_token": -0.8 * ETA_REF, "mean_response_tokens": 5.0,
                   "delta_h_per_sequence": -0.8 * ETA_REF * 5.0, "eta": ETA_REF},
-        "warnings": ["k̂ > 0.6 for η ≥ 0.0316 (full)", "1 update group had equal rewards and was resampled",
-                     "precision floor reached below η = 1e-6"],
+        "warnings": ["1 update group had equal rewards and was resampled"],
     }
+    summary["warnings"] += A.trust_warnings(summary["trust"])  # as the runner writes them
     arrays = {
         "eta": ETA, "delta_h": np.stack([cols[d] for d in DECS], 1),
         "delta_h1": np.stack([slopes[d] * ETA for d in DECS], 1),
@@ -182,10 +191,12 @@ def test_plots_and_report(tmp_path: Path) -> None:
     assert "| decomposition |" in text
 
     # trust, warnings, influence with text snippets, proxy, kernel
-    assert "1e-6 to 0.01" in text and "**inside** the trusted range" in text
+    assert "trusted for η from 1e-7 to 0.00316" in text and "**inside** the trusted range" in text
+    assert len(summary["warnings"]) == 5  # the resampling note + one line per decomposition
     for w in summary["warnings"]:
         assert w in text
-    assert "Untrusted grid points: 1e-7" in text
+    assert "No warnings were raised" not in text
+    assert "| 1e-7 | 32 | n/a | 1 | ok | precision floor | precision floor | ok |" in text
     top = summary["influence"]["top_update"][0]
     assert f"What is {top['row']} + {top['row']}?" in text
     assert "The answer \\| is" in text  # pipes escaped inside a table cell
@@ -210,7 +221,8 @@ def test_format_summary_table() -> None:
     assert "status: complete" in table
     assert "kernel: not run" in table
     assert _f(summary["decompositions"]["full"]["delta_h"][7]) in table
-    assert "warnings (3):" in table and summary["warnings"][1] in table
+    assert "warnings (5):" in table and summary["warnings"][1] in table
+    assert re.search(r"^grad\s.*\sok$", table, re.M)  # η_ref = 3.16e-4 is trusted everywhere
 
 
 def test_all_optional_analyses_null(tmp_path: Path) -> None:
@@ -257,3 +269,73 @@ def test_missing_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         P.make_plots(synthetic()[0], {}, tmp_path)
+
+
+def _flag_baseline_khat() -> dict[str, Any]:
+    """The `make demo` case: only the baseline's k̂ at η_ref fails, the summary's own warnings list is
+    empty (as a hand-made or older summary's may be)."""
+    summary, _ = synthetic()
+    for d in DECS:  # a clean line with nearly equal weights everywhere
+        dd = summary["decompositions"][d]
+        slope = dd["first_order"]["slope"]
+        dd["delta_h"] = [slope * e for e in ETA]
+        dd["ess"] = [N_E * (1 - 1e-6)] * ETA.size
+        dd["khat"] = [0.2] * ETA.size
+    base = summary["decompositions"]["baseline"]
+    base["khat"] = [0.9] * ETA.size  # above 0.6 everywhere; informative only where the weights vary
+    base["ess"][7] = N_E / 1.05
+    summary["trust"] = with_trust(summary["decompositions"], 0.0, top_p=False)
+    summary["warnings"] = []
+    return summary
+
+
+def test_report_and_inspect_agree_on_a_flagged_khat(tmp_path: Path) -> None:
+    summary = json.loads(json.dumps(_flag_baseline_khat()))
+    (line,) = A.trust_warnings(summary["trust"])
+    assert line.startswith("baseline: ΔH untrusted at 6 of 13 η — η = 0.000316 (step too large: k̂ 0.90 > "
+                           "0.600 and the weights vary (N/ESS − 1 = 0.05 > 0.01)), "
+                           "η = 0.001 … 0.1 (at η = 0.001: above a failing η")
+    text = R.write_report(summary, tmp_path, []).read_text(encoding="utf-8")
+    table = R.format_summary_table(summary)
+    assert "No warnings were raised" not in text and "Warnings (1):" in text and line in text
+    assert "warnings (1):" in table and line in table
+    assert re.search(r"^baseline\s.*UNTRUSTED: step too large$", table, re.M)
+    assert re.search(r"^full\s.*\sok$", table, re.M) and "[UNTRUSTED for baseline]" in table
+    row = next(ln for ln in text.splitlines() if ln.startswith("| baseline |"))
+    assert row.endswith("| step too large |")
+    assert "at this η ΔH is untrusted for `baseline`" in text.split("## Setup")[0]
+    # where the weights are nearly equal the same k̂ is not a flag: every η below η_ref is ok
+    assert [r["trusted"] for r in summary["trust"]["per_eta"]] == [j < 7 for j in range(ETA.size)]
+
+
+def test_clean_summary_says_no_warnings(tmp_path: Path) -> None:
+    summary = _flag_baseline_khat()
+    summary["decompositions"]["baseline"]["ess"][7] = N_E * (1 - 1e-6)
+    summary["trust"] = with_trust(summary["decompositions"], 0.0, top_p=False)
+    text = R.write_report(summary, tmp_path, []).read_text(encoding="utf-8")
+    table = R.format_summary_table(summary)
+    assert "No warnings were raised." in text and "warnings: none" in table
+    assert "UNTRUSTED" not in table and "[trusted]" in table
+
+
+def test_trust_wording(tmp_path: Path) -> None:
+    """No "NaN nats" floor; one k̂ threshold with its formula; retained mass is an estimate that may
+    exceed 1 and appears only under top-p; the compute dtype and the clipping norm are reported."""
+    summary, _ = synthetic()
+    summary["trust"]["precision_floor"] = None
+    summary["batches"]["eval"]["n"] = 256
+    summary["trust"]["khat_threshold"] = 0.5847589881390798
+    summary["checkpoint"].update(dtype="bfloat16", trainable_dtype="float32", max_grad_norm=1.0)
+    text = R.render_report(summary, tmp_path)
+    assert "NaN nats" not in text and "No precision floor was found in the sweep" in text
+    assert "threshold 0.585 = min(1 − 1/log10 N, 0.7) for N = 256" in text and "≤ 0.7" not in text
+    assert "computed in bfloat16 (trainable parameters stored in float32)" in text
+    assert "clipped at norm 1 (clipping factor 0.8)" in text
+    assert "sampling noise can put it above 1" in text and "Retained mass at η_ref" in text
+    summary["trust"]["top_p"] = False
+    text = R.render_report(summary, tmp_path)
+    assert "Retained mass at η_ref" not in text and "| retained mass |" not in text
+    summary["trust"].update(precision_floor=1e-6, dtype="bfloat16", noise=7.7e-4)
+    text = R.render_report(summary, tmp_path)
+    assert ("At and below η = 1e-6 the measured change is rounding noise (σ ≥ 7.7e-4 nats of bfloat16 "
+            "rounding noise): the precision floor (computing in float32, checkpoint.dtype=float32") in text

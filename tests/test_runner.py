@@ -99,6 +99,46 @@ def test_summary_is_consistent(full_run: Path) -> None:
     assert s["checkpoint"]["kind"] == "trainer" and s["checkpoint"]["global_step"] == 5
 
 
+def test_trust_verdicts_are_stored_and_reported(full_run: Path) -> None:
+    """top-p run: the nucleus-changed fraction sits beside ESS/k̂/retained mass for every η and
+    decomposition; every decomposition has per-η verdicts; every untrusted η is in the warnings of
+    summary.json, report.md and `deltah inspect` alike."""
+    from deltaH.analysis import trust_warnings
+
+    s = json.loads((full_run / "summary.json").read_text())
+    n_eta = len(s["eta"])
+    for name, d in s["decompositions"].items():
+        moved = np.asarray(d["nucleus_changed"], dtype=float)
+        assert moved.shape == (n_eta,) and ((moved >= 0) & (moved <= 1)).all(), name
+        assert len(s["trust"]["decompositions"][name]["trusted"]) == n_eta
+    assert np.load(full_run / "arrays" / "nucleus_changed.npy").shape == (n_eta, 4)
+    tr = s["trust"]
+    assert len(tr["per_eta"]) == n_eta and tr["top_p"] is True and tr["dtype"] == "float32"
+    assert tr["khat_threshold"] == pytest.approx(1 - 1 / np.log10(16))
+    flags = trust_warnings(tr)
+    assert all(w in s["warnings"] for w in flags)
+    report = (full_run / "report.md").read_text()
+    assert all(w in report for w in flags)
+    assert ("No warnings were raised" in report) == (not s["warnings"])
+    assert s["checkpoint"]["max_grad_norm"] == 1.0 and s["checkpoint"]["dtype"] == "float32"
+
+
+def test_bfloat16_run_reports_bfloat16(tmp_path: Path) -> None:
+    """A bfloat16 run says bfloat16 (not the float32 of its LoRA adapters) and its precision floor
+    uses bfloat16's rounding noise."""
+    from deltaH.analysis import rounding_noise
+
+    tiny = ["eval_batch.total_sequences=8", "analyses.influence=false", "analyses.proxy=false",
+            "eta.grid=[1e-4]", "output.plots=false", "checkpoint.dtype=bfloat16"]
+    rc, out = _run(tmp_path, "bf16", *tiny)
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["checkpoint"]["dtype"] == "bfloat16" and s["checkpoint"]["trainable_dtype"] == "float32"
+    assert s["trust"]["dtype"] == "bfloat16"
+    assert s["trust"]["noise"] == pytest.approx(rounding_noise("bfloat16", s["h_orig"], 8))
+    assert "computed in bfloat16" in (out / "report.md").read_text()
+
+
 def test_eval_batch_matches_saved_stats(full_run: Path) -> None:
     rows = [json.loads(line) for line in (full_run / "batches" / "eval.jsonl").read_text().splitlines()]
     logq = np.load(full_run / "arrays" / "eval_logq.npy")

@@ -14,6 +14,7 @@ kernels on float64 models (observed gaps ~1e-14); statistical checks use standar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import warnings
@@ -25,6 +26,7 @@ from conftest import (
     ATOL,
     RTOL,
     build_batch,
+    hf_keep,
     ref_sequence_stats,
     ref_token_stats,
     sample_responses,
@@ -123,6 +125,24 @@ def ref_khat(logw: np.ndarray) -> float:
 # =====================================================================================================
 
 
+def ref_nucleus_changed(model: torch.nn.Module, direction: dict, eta: float, batch: dh.SequenceBatch,
+                        tau: float, top_p: float) -> torch.Tensor:
+    """Fraction of scored positions whose kept set (transformers' warpers, full ``[V]`` masks from
+    per-row ``model(row).logits``) differs between θ and θ + η·v."""
+    shifted = _shifted_copy(model, direction, eta)
+    moved = total = 0
+    for i in range(len(batch)):
+        am = batch.attention_mask[i].bool()
+        ids = batch.input_ids[i][am].unsqueeze(0)
+        pos = batch.response_mask[i].bool()[am].nonzero().flatten() - 1
+        with torch.no_grad():
+            k0 = hf_keep(model(input_ids=ids).logits[0, pos], tau, top_p)
+            k1 = hf_keep(shifted(input_ids=ids).logits[0, pos], tau, top_p)
+        moved += int((k0 != k1).any(-1).sum())
+        total += int(pos.numel())
+    return torch.tensor(moved / total, dtype=torch.float64)
+
+
 def ref_snis(model: torch.nn.Module, direction: dict, eta: float, batch: dh.SequenceBatch, tau: float,
              top_p: float, mode: str) -> dict:
     """Every §1.3 field for one direction and one η, by hand in float64."""
@@ -153,11 +173,12 @@ def ref_snis(model: torch.nn.Module, direction: dict, eta: float, batch: dh.Sequ
         "h_orig_per_token": e0.sum() / ntok.sum(),
         "h_upd_per_token": h_upd_tok,
         "delta_h_per_token": h_upd_tok - e0.sum() / ntok.sum(),
+        "nucleus_changed": ref_nucleus_changed(model, direction, eta, batch, tau, top_p),
     }
 
 
 PER_DIR = ("delta_h", "h_upd", "ess", "khat", "logw_max", "logw_min", "retained_mass",
-           "h_upd_per_token", "delta_h_per_token")
+           "h_upd_per_token", "delta_h_per_token", "nucleus_changed")
 
 
 def _check_fields(res: dh.TrueDeltaH, ref: dict, idx: tuple) -> None:
@@ -222,9 +243,11 @@ def test_matches_plain_loop_reference(which: str, mode: str, lora_setup: Setup, 
     # per_sequence sums to ΔH; h_upd = h_orig + ΔH
     _close(res.per_sequence.sum(-1), res.delta_h)
     _close(res.h_upd, res.h_orig + res.delta_h)
-    # the references are not degenerate: weights vary, ΔH moves with η, k̂ is defined
+    # the references are not degenerate: weights vary, ΔH moves with η, k̂ is defined, and the
+    # directions move some nuclei but not all (so nucleus_changed is checked on both outcomes)
     assert (res.ess[-1] < len(s.batch) - 1).all() and torch.isfinite(res.khat).any()
     assert (res.delta_h[2] - res.delta_h[0]).abs().min() > 1e-3
+    assert ((res.nucleus_changed[0] > 0) & (res.nucleus_changed[0] < 0.5)).all()
 
 
 def test_eta_zero_and_zero_direction_are_exact(lora_setup: Setup) -> None:
@@ -238,6 +261,7 @@ def test_eta_zero_and_zero_direction_are_exact(lora_setup: Setup) -> None:
         assert res.delta_h[r, k] == 0 and res.delta_h_per_token[r, k] == 0
         assert res.ess[r, k] == n and res.retained_mass[r, k] == 1
         assert res.logw_max[r, k] == 0 and res.logw_min[r, k] == 0
+        assert res.nucleus_changed[r, k] == 0
         assert (res.per_sequence[r, k] == 0).all()
         assert torch.isnan(res.khat[r, k])  # k̂ of equal weights is NaN
     assert (res.delta_h[1, [0, 2]] != 0).all()
@@ -320,6 +344,24 @@ def test_theta_side_stats_are_reused(lora_setup: Setup) -> None:
     a, b = s.run(eta=0.05, base=base), s.run(eta=0.05)
     for f in (*PER_DIR, "per_sequence"):
         _close(getattr(a, f), getattr(b, f))
+
+
+def test_nucleus_changed_at_p1_and_without_theta_keys(lora_setup: Setup) -> None:
+    """p = 1 computes no keys and the fraction is exactly 0 even for a large step; under top-p, a
+    hand-made ``base`` without θ's keys gives NaN (unknown), never a silent 0."""
+    from deltaH.estimators.true import base_stats
+
+    s = lora_setup
+    pol1 = dh.SamplingPolicy(s.tau, 1.0)
+    base1 = base_stats(s.lm, s.lm.params, s.batch, pol1)
+    assert base1.nucleus_key is None
+    res1 = dh.delta_h_true_multi(s.lm.params, s.dirs, s.batch, lm=s.lm, policy=pol1, eta=[0.0, 0.2],
+                                 base=base1)
+    assert (res1.nucleus_changed == 0).all() and (res1.ess[1] < len(s.batch) - 1).all()
+    base = base_stats(s.lm, s.lm.params, s.batch, s.policy)
+    assert base.nucleus_key is not None and base.nucleus_key.shape == (int(s.batch.n_tokens.sum()), 2)
+    bare = dataclasses.replace(base, nucleus_key=None)
+    assert torch.isnan(s.run(eta=0.2, base=bare).nucleus_changed).all()
 
 
 # =====================================================================================================

@@ -11,6 +11,13 @@ step ``η``, with ``θ'_k = θ + η·v_k`` and per-sequence statistics from :mod
     c[k, n]     = w̃[k, n] · e_n(θ'_k) − e_n(θ) / N                 [K, N]
     ESS[k]      = 1 / Σ_n w̃[k, n]²
     retained[k] = mean_n exp(logw[k, n])   (mass of q_θ' on q_θ's support; < 1 means top-p leaked)
+    moved[k]    = (1/P) Σ_{n, t∈R_n} 1[S_t(θ'_k) ≠ S_t(θ)]          (nucleus_changed; P = Σ_n |R_n|)
+
+``S_t`` is the kept set (nucleus) at scored position ``t``, compared as a set of token ids through
+an order-free key (:meth:`SamplingPolicy.token_stats_keyed`): ``moved`` is the exact fraction of
+E's scored positions where the step let a token enter or leave the nucleus (0 at ``p = 1``, where
+nothing is computed for it, and at ``η = 0``). Such a move makes ``ΔH(η)`` jump, so the first-order
+picture and the linear fits no longer apply at that η (``deltaH.analysis.trust_range`` uses it).
 
 ``e`` is the RB entropy (``entropy_mode="rb"``) or the surprisal ``−logq`` (``"naive"``).
 Per-token variant: ``Σ_n e_n / Σ_n |R_n|`` before, ``Σ_n w̃ e'_n / Σ_n w̃ |R_n|`` after.
@@ -36,7 +43,7 @@ from deltaH.errors import ArgumentError, BatchError
 from deltaH.estimators._psis import khat_threshold, psis_khat, tail_size
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
-from deltaH.stats import SequenceStats, chunks_of, stats_of_chunks
+from deltaH.stats import SequenceStats, chunks_of, stats_of_chunks, stats_of_chunks_keyed
 
 ENTROPY_MODES = ("rb", "naive")
 
@@ -57,6 +64,7 @@ class TrueDeltaH:
     logw_max: Tensor
     logw_min: Tensor
     retained_mass: Tensor
+    nucleus_changed: Tensor
     delta_h_per_token: Tensor
     h_upd_per_token: Tensor
     h_orig: Tensor
@@ -171,8 +179,12 @@ def base_stats(
     tf_batch_size: int = 16,
     head_chunk: int | None = None,
 ) -> SequenceStats:
-    """θ-side statistics, checked: every sequence must have finite ``log q`` under θ."""
-    lq, en = stats_of_chunks(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
+    """θ-side statistics, checked: every sequence must have finite ``log q`` under θ.
+
+    Under top-p they include every scored position's nucleus key (``nucleus_key``), so that
+    :func:`delta_h_true_multi` can count the positions whose nucleus a step moves.
+    """
+    lq, en, key = stats_of_chunks_keyed(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
     bad = ~torch.isfinite(lq[0])
     if bool(bad.any()):
         rows = bad.nonzero().flatten()[:5].tolist()
@@ -180,7 +192,8 @@ def base_stats(
             f"evaluation sequences {rows} have log q = -inf under θ: they contain tokens outside the "
             f"nucleus of {policy}, so they were not sampled from this policy (check temperature/top_p)"
         )
-    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens)
+    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens,
+                         nucleus_key=None if key is None else key[0])
 
 
 def delta_h_true_multi(
@@ -201,7 +214,8 @@ def delta_h_true_multi(
 
     See the module docstring for the formulas. ``dirs`` may cover a subset of the trainable
     parameters (missing names are zero). ``base`` (θ-side stats from :func:`base_stats`) may be
-    passed to reuse it across calls.
+    passed to reuse it across calls; ``nucleus_changed`` is NaN under top-p when ``base`` carries
+    no ``nucleus_key`` (built by hand rather than by :func:`base_stats`).
     """
     check_options(entropy_mode, dir_chunk)
     etas, scalar = _as_etas(eta)
@@ -243,10 +257,16 @@ def _delta_h_true_multi(
     if base is None:
         base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
     zero = _trees.is_zero(dirs)
+    dev = base.logq.device
+    topp = policy.top_p < 1.0
+    n_pos = _dist.all_sum(torch.tensor(float(base.n_tokens.sum()), dtype=torch.float64, device=dev))
+    # Without θ's keys (a hand-made ``base``) the moved fraction is unknown under top-p: NaN.
+    unknown = topp and base.nucleus_key is None
     results = []
     for e in etas:
         lq1 = base.logq.unsqueeze(0).repeat(k_total, 1)
         en1 = base.entropy.unsqueeze(0).repeat(k_total, 1)
+        moved = torch.full((k_total,), float("nan") if unknown else 0.0, dtype=torch.float64, device=dev)
         if e != 0.0:
             for s in range(0, k_total, dir_chunk):
                 idx = torch.arange(s, min(s + dir_chunk, k_total))
@@ -254,10 +274,22 @@ def _delta_h_true_multi(
                 if idx.numel() == 0:
                     continue
                 shifted = {n: params[n] + e * d[idx.to(d.device)] for n, d in dirs.items()}
-                lq, en = stats_of_chunks(lm, params, shifted, chunks, policy, head_chunk)
+                if base.nucleus_key is None:  # p = 1 (or no θ keys): nothing to compare
+                    lq, en = stats_of_chunks(lm, params, shifted, chunks, policy, head_chunk)
+                    n_moved = None
+                else:
+                    lq, en, n_moved = stats_of_chunks_keyed(
+                        lm, params, shifted, chunks, policy, head_chunk, base_key=base.nucleus_key
+                    )
                 lq1[idx.to(lq1.device)] = lq
                 en1[idx.to(en1.device)] = en
-        results.append(snis(base, lq1, en1, entropy_mode))
+                if n_moved is not None:
+                    moved[idx.to(dev)] = n_moved.to(device=dev, dtype=torch.float64)
+        out = snis(base, lq1, en1, entropy_mode)
+        if topp and not unknown:
+            moved = _dist.all_sum(moved) / n_pos
+        out["nucleus_changed"] = moved
+        results.append(out)
     return _assemble(results, etas, scalar, base)
 
 

@@ -151,12 +151,15 @@ def sweep(summary: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[
     return out
 
 
-def trusted_mask(summary: Mapping[str, Any], eta: np.ndarray) -> np.ndarray | None:
-    """Boolean [n_eta] from ``trust["trusted"]``, else from ``trust["eta_min"/"eta_max"]``."""
+def trusted_mask(summary: Mapping[str, Any], eta: np.ndarray, decomposition: str | None = None
+                 ) -> np.ndarray | None:
+    """Boolean [n_eta] from ``trust["decompositions"][decomposition]["trusted"]`` when given and
+    stored, else ``trust["trusted"]`` (the full update's), else ``trust["eta_min"/"eta_max"]``."""
     trust = summary.get("trust")
     if not trust:
         return None
-    t = trust.get("trusted")
+    t = get(trust, "decompositions", decomposition, "trusted") if decomposition else None
+    t = t if t is not None else trust.get("trusted")
     if t is not None and len(t) == eta.size:
         return np.array([bool(v) for v in t])
     lo, hi = trust.get("eta_min"), trust.get("eta_max")
@@ -217,8 +220,6 @@ def plot_delta_h_vs_eta(summary: Mapping[str, Any], arrays: Mapping[str, np.ndar
     plt = _pyplot()
     from matplotlib.ticker import NullLocator
 
-    trusted = trusted_mask(summary, eta)
-    floor = get(summary, "trust", "precision_floor")
     names = [n for n in DECOMPOSITIONS if n in data]
     ncols = 2 if len(names) > 1 else 1
     nrows = (len(names) + ncols - 1) // ncols
@@ -231,11 +232,11 @@ def plot_delta_h_vs_eta(summary: Mapping[str, Any], arrays: Mapping[str, np.ndar
         dh = s["delta_h"]
         pos = np.isfinite(dh) & (dh > 0) & (eta > 0)
         neg = np.isfinite(dh) & (dh < 0) & (eta > 0)
-        _shade_untrusted(ax, eta, trusted, label=True)
+        _shade_untrusted(ax, eta, trusted_mask(summary, eta, name), label=True)
         _eta_ref_line(ax, summary, label=True)
-        if floor is not None and floor > 0:
-            ax.axhline(floor, color="0.5", lw=0.8, ls=":", label="precision floor")
-            ys.append(np.array([floor]))
+        floor = get(summary, "trust", "decompositions", name, "precision_floor")
+        if floor is not None and floor > 0:  # an η: ΔH is rounding noise at and below it
+            ax.axvline(floor, color="0.5", lw=0.8, ls=":", label="precision floor (η)")
         if "delta_h1" in s:
             x1, y1 = _positive(eta, np.abs(s["delta_h1"]))
             if x1.size:

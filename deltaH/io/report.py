@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from deltaH.analysis import reason_kind, trust_warnings
 from deltaH.io.plots import (
     DECOMPOSITION_LABELS,
     DECOMPOSITIONS,
@@ -83,6 +84,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], drop_empty: boo
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def verdict(summary: Mapping[str, Any], j: int | None, dec: str) -> str | None:
+    """The stored trust verdict of decomposition ``dec`` at grid point ``j``: "ok", or the kinds of
+    its reasons (``trust.per_eta``, written by the runner's one trust rule); None when not stored."""
+    why = get(summary, "trust", "per_eta", j, "reasons", dec) if j is not None else None
+    if why is None:
+        return None
+    return "ok" if not why else ", ".join(dict.fromkeys(reason_kind(r) for r in why))
+
+
+def all_warnings(summary: Mapping[str, Any]) -> list[str]:
+    """The summary's warnings plus a line for every decomposition with an untrusted η (from the stored
+    verdicts), so no report or table says "no warnings" beside a flag."""
+    warns = list(summary.get("warnings") or [])
+    return warns + [w for w in trust_warnings(summary.get("trust")) if w not in warns]
+
+
 # -- reference point --------------------------------------------------------------------------
 class _Ref:
     """The η_ref grid point and the values the headline and tables use."""
@@ -138,7 +155,11 @@ def _headline(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
         if _finite(d1):
             s += f"; the first-order prediction is δH₁ = {fmt(d1)}" + (f" ± {fmt(se)}" if _finite(se) else "")
         para.append(s + ".")
-        if ref.trusted is False:
+        flagged = [d for d in DECOMPOSITIONS if verdict(summary, ref.j, d) not in (None, "ok")]
+        if flagged:
+            para.append(f"**Caution:** at this η ΔH is untrusted for {', '.join(f'`{d}`' for d in flagged)} "
+                        "(see Trust).")
+        elif ref.trusted is False:
             para.append("**Caution:** this η lies outside the trusted range (see Trust).")
     if h is not None:
         rel = f" The step changes it by {_pct(dh, h)}." if _finite(dh) else ""
@@ -161,9 +182,12 @@ def _setup(summary: Mapping[str, Any]) -> list[str]:
     out = ["## Setup", ""]
     ck = summary.get("checkpoint")
     if ck:
+        tdt = ck.get("trainable_dtype")
+        tdt_s = f" (trainable parameters stored in {tdt})" if tdt and tdt != ck.get("dtype") else ""
         out.append(f"- **Checkpoint:** `{ck.get('path')}` ({ck.get('kind', '?')}, global step "
-                   f"{fmt(ck.get('global_step'))}); {fmt(ck.get('n_trainable'))} trainable parameters in "
-                   f"{ck.get('dtype', '?')}; learning rate of the next step {fmt(ck.get('lr'))}.")
+                   f"{fmt(ck.get('global_step'))}); {fmt(ck.get('n_trainable'))} trainable parameters; "
+                   f"computed in {ck.get('dtype', '?')}{tdt_s}; learning rate of the next step "
+                   f"{fmt(ck.get('lr'))}.")
     else:
         out.append(f"- **Checkpoint:** {NOT_RUN}.")
     for which, words in (("eval", "Evaluation batch E"), ("update", "Update batch U")):
@@ -187,9 +211,11 @@ def _setup(summary: Mapping[str, Any]) -> list[str]:
                f"entropy estimator {mode_s}.")
     up = summary.get("update")
     if up:
+        mgn = get(summary, "checkpoint", "max_grad_norm")
+        clip = f"clipped at norm {fmt(mgn)}" if mgn is not None else "no clipping"
         out.append(f"- **Update:** AdamW step on the `{up.get('loss_type')}` loss at lr "
-                   f"{fmt(up.get('lr_ref'))}; gradient norm {fmt(up.get('grad_norm'))}, "
-                   f"clipping factor {fmt(up.get('clip_coef'))}.")
+                   f"{fmt(up.get('lr_ref'))}; gradient norm {fmt(up.get('grad_norm'))}, {clip} "
+                   f"(clipping factor {fmt(up.get('clip_coef'))}).")
     else:
         out.append(f"- **Update:** {NOT_RUN}.")
     eta = as_float_array(summary.get("eta"))
@@ -207,8 +233,10 @@ def _decomposition(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
     n_eval = get(summary, "batches", "eval", "n")
     second = any(_at(summary, ref.j, "decompositions", d, "second_order") is not None for d in DECOMPOSITIONS)
     header = ["decomposition", "ΔH (nats/seq)", "ΔH (nats/token)", "δH₁ ± s.e.", "ΔH / δH₁",
-              f"ESS (of {fmt(n_eval)})" if n_eval else "ESS", "k̂", "retained mass", "log-log slope",
-              "R² (line through 0)"] + (["2nd-order prediction"] if second else [])
+              f"ESS (of {fmt(n_eval)})" if n_eval else "ESS", "k̂", "retained mass", "nucleus moved",
+              "log-log slope", "R² (line through 0)", "verdict"]
+    header += ["2nd-order prediction"] if second else []
+    top_p = _top_p(summary)
     rows = []
     for d in DECOMPOSITIONS:
         if not decs.get(d):
@@ -219,15 +247,18 @@ def _decomposition(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
         ratio = dh / d1 if _finite(dh) and _finite(d1) and d1 != 0 else None  # type: ignore[operator]
         row = [d, fmt(dh), fmt(ref.dh(summary, d, "delta_h_per_token")),
                fmt(d1) + (f" ± {fmt(se)}" if _finite(se) else ""), fmt(ratio), fmt(ref.dh(summary, d, "ess")),
-               fmt(ref.dh(summary, d, "khat")), fmt(ref.dh(summary, d, "retained_mass"), 4),
-               fmt(get(decs, d, "fit", "loglog_slope")), fmt(get(decs, d, "fit", "r2_origin"))]
+               fmt(ref.dh(summary, d, "khat")),
+               fmt(ref.dh(summary, d, "retained_mass"), 4) if top_p else "",
+               _share(ref.dh(summary, d, "nucleus_changed")) if top_p else "",
+               fmt(get(decs, d, "fit", "loglog_slope")), fmt(get(decs, d, "fit", "r2_origin")),
+               verdict(summary, ref.j, d) or "n/a"]
         if second:
             row.append(fmt(_at(summary, ref.j, "decompositions", d, "second_order")))
         rows.append(row)
     at = f"η = {fmt(ref.eta_j)}" + ("" if ref.exact else f" (grid point nearest η_ref = {fmt(ref.eta_ref)})")
     legend = "; ".join(f"`{d}` = {DECOMPOSITION_LABELS[d]}" for d in DECOMPOSITIONS)
     out += [f"Values at {at}. {legend}.", ""]
-    out += _table(header, rows) + [""]
+    out += _table(header, rows, drop_empty=True) + [""]
     full, b, g, bg = (ref.dh(summary, d) for d in DECOMPOSITIONS)
     if _finite(full) and _finite(bg):
         diff = abs(full - bg)  # type: ignore[operator]
@@ -236,55 +267,87 @@ def _decomposition(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
     if _finite(full) and _finite(b) and _finite(g):
         out.append(f"Momentum + weight decay alone would change the entropy by {fmt(b)}, this batch's "
                    f"gradient alone by {fmt(g)} (ΔH is additive only to first order).")
-    out.append("A log-log slope near 1 and ΔH/δH₁ near 1 mean the step is in the linear regime.")
+    out.append("A log-log slope near 1 and ΔH/δH₁ near 1 mean the step is in the linear regime; the "
+               "verdict is the trust rule's (see Trust).")
     return out + [""]
+
+
+def _top_p(summary: Mapping[str, Any]) -> bool:
+    """Whether the run used top-p (retained mass and moved nuclei mean something only then)."""
+    stored = get(summary, "trust", "top_p")
+    if stored is not None:
+        return bool(stored)
+    p = _policy_of(summary.get("config")).get("top_p")
+    return p is None or float(p) < 1.0
+
+
+def _share(x: float | None) -> str:
+    """A fraction in [0, 1] as a percentage ("" when unknown)."""
+    return "" if not _finite(x) else ("0" if x == 0 else f"{fmt(100 * x)}%")  # type: ignore[operator]
 
 
 def _trust(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
     out = ["## Trust", ""]
     tr = summary.get("trust")
+    n_eval = get(summary, "batches", "eval", "n")
     if not tr:
         out.append(f"Trust analysis: {NOT_RUN}.")
     else:
-        floor, thr = tr.get("precision_floor"), tr.get("khat_threshold")
-        out.append(f"ΔH is trusted for η from {fmt(tr.get('eta_min'))} to {fmt(tr.get('eta_max'))}. "
-                   f"Below that range |ΔH| approaches the float precision floor ({fmt(floor)} nats), where "
-                   f"the measured change is rounding noise; above it the importance weights degenerate (PSIS "
-                   f"k̂ above the threshold {fmt(thr)}, or a small ESS), so the importance-sampling estimate "
-                   "is unreliable.")
+        lo, hi, thr = tr.get("eta_min"), tr.get("eta_max"), tr.get("khat_threshold")
+        if _finite(lo) and _finite(hi):
+            out.append(f"ΔH along the full update is trusted for η from {fmt(lo)} to {fmt(hi)}.")
+        else:
+            out.append("ΔH along the full update is trusted at **no** η of the grid.")
+        floor, noise, dt = tr.get("precision_floor"), tr.get("noise"), tr.get("dtype") or "the model's dtype"
+        sig = f"σ ≥ {fmt(noise)} nats of {dt} rounding noise" if _finite(noise) else f"{dt} rounding noise"
+        if _finite(floor):
+            half = dt in ("bfloat16", "float16")
+            low = " (computing in float32, checkpoint.dtype=float32, lowers it)" if half else ""
+            out.append(f"At and below η = {fmt(floor)} the measured change is rounding noise ({sig}): the "
+                       f"precision floor{low}.")
+        else:
+            out.append(f"No precision floor was found in the sweep ({sig}).")
+        thr_s = (f"{thr:.3f} = min(1 − 1/log10 N, 0.7) for N = {fmt(n_eval)}" if _finite(thr) and n_eval
+                 else fmt(thr))
+        out.append(f"Each η and decomposition is checked by one rule (`deltaH.analysis`): ESS, PSIS k̂ above "
+                   f"the threshold {thr_s} (counted only once the weights vary, N/ESS − 1 > 0.01), retained "
+                   "mass and moved nuclei (top-p), the precision floor, and sign flips or non-monotone steps "
+                   "against δH₁.")
         if ref.trusted is not None:
             where = "**inside**" if ref.trusted else "**outside**"
             out.append(f"The reference η_ref = {fmt(ref.eta_ref)} is {where} the trusted range.")
-        tm = trusted_mask(summary, ref.eta) if ref.eta is not None else None
-        if tm is not None and ref.eta is not None and not tm.all():
-            why = []
-            for j in np.flatnonzero(~tm):
-                dh, k = _at(summary, int(j), "decompositions", "full", "delta_h"), \
-                    _at(summary, int(j), "decompositions", "full", "khat")
-                ess = _at(summary, int(j), "decompositions", "full", "ess")
-                n_eval = get(summary, "batches", "eval", "n")
-                lo = tr.get("eta_min")
-                if lo is not None and ref.eta[j] < lo:
-                    r = f"|ΔH| {fmt(abs(dh))}: precision floor" if _finite(dh) else "precision floor"  # type: ignore[arg-type]
-                elif _finite(k) and thr is not None and k > thr:  # type: ignore[operator]
-                    r = f"k̂ {fmt(k)} > {fmt(thr)}"
-                elif _finite(ess) and n_eval:
-                    r = f"ESS {fmt(ess)} of {fmt(n_eval)}"
-                else:
-                    r = "see notes"
-                why.append(f"{fmt(ref.eta[j])} ({r})")
-            out.append(f"Untrusted grid points: {', '.join(why)}.")
+        table = _verdict_table(summary, ref)
+        out += ["", *table, ""] if table else []
         rm = ref.dh(summary, "full", "retained_mass")
-        if rm is not None and math.isfinite(rm):
-            leak = " — some mass left the old top-p nuclei, so ΔH covers the old support only" \
-                if rm < 0.999 else ""
-            out.append(f"Retained mass at η_ref: {fmt(rm, 4)}{leak}.")
+        if _top_p(summary) and _finite(rm):
+            leak = (" — clearly below 1: some mass left θ's top-p nuclei, so ΔH covers the old support only"
+                    if rm < 0.999 else "")  # type: ignore[operator]
+            out.append(f"Retained mass at η_ref: {fmt(rm, 4)} (an estimate of the probability the updated "
+                       f"policy keeps in θ's nuclei; sampling noise can put it above 1){leak}.")
         if tr.get("notes"):
-            out += ["", "Notes:"] + [f"- {n}" for n in tr["notes"]]
-    warns = summary.get("warnings") or []
+            out += ["", "Notes (full update):"] + [f"- {n}" for n in tr["notes"]]
+    warns = all_warnings(summary)
     out += ["", f"Warnings ({len(warns)}):" if warns else "No warnings were raised."]
     out += [f"- {w}" for w in warns]
     return out + [""]
+
+
+def _verdict_table(summary: Mapping[str, Any], ref: _Ref) -> list[str]:
+    """Per η: the full update's weight diagnostics and every decomposition's stored verdict."""
+    if ref.eta is None or get(summary, "trust", "per_eta") is None:
+        return []
+    decs = [d for d in DECOMPOSITIONS if get(summary, "decompositions", d)]
+    top_p = _top_p(summary)
+    rows = []
+    for j, e in enumerate(ref.eta):
+        mark = " (η_ref)" if j == ref.j else ""
+        rows.append([fmt(e) + mark, fmt(_at(summary, j, "decompositions", "full", "ess")),
+                     fmt(_at(summary, j, "decompositions", "full", "khat")),
+                     fmt(_at(summary, j, "decompositions", "full", "retained_mass"), 4) if top_p else "",
+                     _share(_at(summary, j, "decompositions", "full", "nucleus_changed")) if top_p else ""]
+                    + [verdict(summary, j, d) or "n/a" for d in decs])
+    header = ["η", "ESS (full)", "k̂ (full)", "retained (full)", "nucleus moved (full)"] + decs
+    return _table(header, rows, drop_empty=True)
 
 
 def _read_rows(run_dir: Path, which: str) -> dict[int, dict[str, Any]]:
@@ -427,10 +490,17 @@ GLOSSARY = """## How to read this
   error over the evaluation sequences. ΔH/δH₁ ≈ 1 means the linear picture holds at that η.
 - **ESS** — effective sample size of the importance weights, 1/Σ w̃²; N when the step changes nothing,
   near 1 when one sequence carries all the weight (the estimate then rests on one sample).
-- **k̂** — the Pareto shape of the largest importance weights (PSIS). Above the threshold (≤ 0.7) the
-  weights are heavy-tailed and ΔH is unreliable; shrink η or enlarge the evaluation batch.
-- **retained mass** — the share of the updated policy's probability on responses the old policy could
-  sample (top-p nuclei). Below 1, mass moved outside them and ΔH covers the old support only.
+- **k̂** — the Pareto shape of the largest importance weights (PSIS). Above the sample-size threshold
+  min(1 − 1/log10 N, 0.7) (0.585 at N = 256) the weights are heavy-tailed and ΔH is unreliable; shrink η
+  or enlarge the evaluation batch. With nearly equal weights (ESS ≈ N) k̂ describes the shape of the
+  per-sequence log-probability changes, not the estimate, and is not counted.
+- **retained mass** — an estimate (the mean of the unnormalised importance weights) of the probability the
+  updated policy keeps on responses the old policy could sample (top-p nuclei); sampling noise can put it
+  above 1. Clearly below 1, mass moved outside them and ΔH covers the old support only.
+- **nucleus moved** — the exact fraction of the evaluation batch's scored positions whose top-p kept set
+  differs before and after the step (a token entered or left); ΔH(η) jumps there, so any move is flagged.
+- **precision floor / trusted** — below the floor ΔH is rounding noise of the compute dtype; a trusted η
+  passes every check of the trust rule (see Trust); untrusted ones are listed under Warnings.
 - **Decompositions** — `full` is the real AdamW step; `baseline` is what momentum and weight decay do
   without this batch's gradient; `grad` is this batch's gradient share; `baseline+grad` must equal `full`.
 - **Influence** — the gradient share split per update sequence; column i of M gives ΔH caused by update
@@ -488,7 +558,11 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
     ref = _Ref(summary)
     ck = summary.get("checkpoint") or {}
     grid = "" if ref.exact or ref.eta_j is None else f" (grid {fmt(ref.eta_j)})"
-    trust = "" if ref.trusted is None else ("  [trusted]" if ref.trusted else "  [UNTRUSTED]")
+    bad = [d for d in DECOMPOSITIONS if verdict(summary, ref.j, d) not in (None, "ok")]
+    if get(summary, "trust", "per_eta") is not None:
+        trust = f"  [UNTRUSTED for {', '.join(bad)}]" if bad else "  [trusted]"
+    else:
+        trust = "" if ref.trusted is None else ("  [trusted]" if ref.trusted else "  [UNTRUSTED]")
     lines = [f"status: {summary.get('status', '?')}    checkpoint: {ck.get('path', 'n/a')} "
              f"(step {fmt(ck.get('global_step'))})",
              f"H_orig = {fmt(summary.get('h_orig'))} nats/seq ({fmt(summary.get('h_orig_per_token'))} "
@@ -503,15 +577,10 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
             continue
         d1, se = ref.dh1(summary, d)
         dh, k = ref.dh(summary, d), ref.dh(summary, d, "khat")
-        thr = get(summary, "trust", "khat_threshold")
-        if not _finite(dh):
-            status = "NaN"
-        elif _finite(k) and thr is not None and k > thr:  # type: ignore[operator]
-            status = "khat high"
-        elif ref.trusted is False:
-            status = "untrusted eta"
-        else:
-            status = "ok"
+        v = verdict(summary, ref.j, d)  # the runner's stored verdict: never re-derived here
+        if v is None and d == "full" and ref.trusted is not None:
+            v = "ok" if ref.trusted else "untrusted"
+        status = "n/a" if v is None else v if v == "ok" else f"UNTRUSTED: {v}"
         rows.append([d, fmt(dh), fmt(ref.dh(summary, d, "delta_h_per_token")), fmt(d1), fmt(se),
                      fmt(ref.dh(summary, d, "ess")), fmt(k), status])
     w = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -519,6 +588,6 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
     lines.append("")
     for name in ("influence", "kernel", "proxy", "trust"):
         lines.append(f"{name}: {'done' if summary.get(name) else NOT_RUN}")
-    warns = summary.get("warnings") or []
+    warns = all_warnings(summary)
     lines += ["", f"warnings ({len(warns)}):" if warns else "warnings: none"] + [f"  - {x}" for x in warns]
     return "\n".join(lines) + "\n"

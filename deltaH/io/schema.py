@@ -53,19 +53,55 @@ class Decomposition:
     logw_max: list[float] = _f("largest log importance weight [n_eta]")
     logw_min: list[float] = _f("smallest log importance weight [n_eta]")
     retained_mass: list[float] = _f("mean unnormalised weight: estimate of q_θ' mass on q_θ's nuclei [n_eta]")
+    nucleus_changed: list[float] = _f("fraction of E's scored positions whose top-p nucleus moved [n_eta]")
     first_order: FirstOrderLine | None = _f("δH₁ beside ΔH (null: analyses.first_order off)")
     second_order: list[float] | None = _f("½η²·d²ΔH/dη² [n_eta] (null: analyses.second_order off)")
     fit: LineFit = _f("lines through the trusted part of the sweep")
 
 
 @dataclass(frozen=True)
+class TrustRuleInfo:
+    min_ess_frac: float = _f("an η is too large when ESS < min_ess_frac·N")
+    khat_min_dispersion: float = _f("k̂ counts only when the weights vary: N/ESS − 1 above this")
+    min_retained: float = _f("top-p: too large when the retained mass is below this")
+    max_nucleus_changed: float = _f("top-p: too large when more than this fraction of E's nuclei moved")
+    max_dev: float = _f("ΔH follows δH₁ when |ΔH − δH₁| ≤ max_dev·|δH₁|")
+
+
+@dataclass(frozen=True)
+class DecompositionTrust:
+    trusted: list[bool] = _f("per η: is this decomposition's ΔH trustworthy [n_eta]")
+    eta_min: float = _f("smallest trusted η (null: none)")
+    eta_max: float = _f("largest trusted η (null: none)")
+    precision_floor: float = _f("largest η below the precision floor (null: none found)")
+    notes: list[str] = _f("the reasons, in words")
+
+
+@dataclass(frozen=True)
+class EtaVerdict:
+    eta: float = _f("the η")
+    trusted: bool = _f("trusted for every decomposition")
+    reasons: dict[str, list[str]] = _f('per decomposition, why not ("<kind>: <details>"; empty: trusted)')
+
+
+@dataclass(frozen=True)
 class TrustInfo:
-    eta_min: float = _f("smallest trusted η (null: none trusted)")
-    eta_max: float = _f("largest trusted η")
-    precision_floor: float = _f("η below which ΔH stops following δH₁ (null: no floor found)")
+    eta_min: float = _f("smallest trusted η of the full update (null: none trusted)")
+    eta_max: float = _f("largest trusted η of the full update")
+    precision_floor: float = _f("largest η of the full update below the precision floor (null: none found)")
+    trusted: list[bool] = _f("per η: is ΔH of the full update trustworthy there [n_eta]")
+    notes: list[str] = _f("why η values of the full update were not trusted")
     khat_threshold: float = _f("PSIS k̂ threshold for this N: min(1 − 1/log10 N, 0.7)")
-    trusted: list[bool] = _f("per η of the grid: is ΔH of the full update trustworthy there [n_eta]")
-    notes: list[str] = _f("why η values were not trusted")
+    noise: float = _f("σ = ε(dtype)·|H|·√(2/N), a lower bound on ΔH's rounding noise in nats")
+    dtype: str = _f("the dtype the logits were computed in")
+    top_p: bool = _f("whether the policy truncates (retained mass and nucleus moves are checked)")
+    rule: TrustRuleInfo = _f("the thresholds the verdicts used")
+    decompositions: dict[str, DecompositionTrust] = _f("the verdicts of each decomposition")
+    per_eta: list[EtaVerdict] = _f("every η's verdict and reasons, for every decomposition")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrustInfo:
+        return typing.cast(TrustInfo, _build(cls, d))
 
 
 @dataclass(frozen=True)

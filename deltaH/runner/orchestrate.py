@@ -106,6 +106,7 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         base_model=cfg.checkpoint.base_model,
         dtype=None if cfg.checkpoint.dtype == "auto" else getattr(torch, cfg.checkpoint.dtype),
         device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
+        max_grad_norm=cfg.checkpoint.max_grad_norm,
     )
     if ckpt.optimizer_state is None:
         raise CheckpointError(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from deltaH.analysis import Trust, auto_grid, trust_range
+from deltaH.analysis import Trust, auto_grid, rounding_noise, trust_range
 from deltaH.config import Config
 from deltaH.estimators.first_order import FirstOrder, delta_h_first_order
 from deltaH.estimators.influence import CovarianceProxy, Influence, covariance_proxy, influence_matrix
@@ -31,7 +31,16 @@ from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
 from deltaH.updates.directions import UpdateDirections, update_directions
 
 PROBE_DECADES = (-6, -5, -4, -3, -2, -1, 0, 1, 2)
-SWEEP_FIELDS = ("delta_h", "delta_h_per_token", "ess", "khat", "logw_max", "logw_min", "retained_mass")
+SWEEP_FIELDS = (
+    "delta_h",
+    "delta_h_per_token",
+    "ess",
+    "khat",
+    "logw_max",
+    "logw_min",
+    "retained_mass",
+    "nucleus_changed",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class Inputs:
     policy: SamplingPolicy
     seeds: Seeds
     quiet: bool
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the logits are computed in (peft keeps adapters in float32 in a bf16 model)."""
+        return str(self.lm.compute_dtype).removeprefix("torch.")
 
     def kw(self, cfg: Config) -> dict[str, Any]:
         """Keyword arguments shared by the ΔH estimators."""
@@ -233,6 +247,7 @@ def eta_grid(
     if cfg.eta.grid == "auto":
         probe_etas = [dr.eta_ref * 10.0**k for k in PROBE_DECADES]
         res = _sweep(cfg, inp, bt, base, probe_etas, {n: d[:1] for n, d in dr.stacked.items()}, "η probe")
+        n = len(bt.eval.batch)
         probe = trust_range(
             probe_etas,
             [float(r.delta_h[0]) for r in res],
@@ -240,9 +255,11 @@ def eta_grid(
             [float(r.ess[0]) for r in res],
             [float(r.khat[0]) for r in res],
             [float(r.retained_mass[0]) for r in res],
-            len(bt.eval.batch),
+            n,
             res[0].khat_threshold,
             check_retained=inp.policy.top_p < 1.0,
+            nucleus_changed=[float(r.nucleus_changed[0]) for r in res],
+            noise=rounding_noise(inp.compute_dtype, float(res[0].h_orig), n),
         )
         if math.isfinite(probe.eta_min):
             etas = auto_grid(probe.eta_min, probe.eta_max, cfg.eta.n_points, dr.eta_ref)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import deltaH
-from deltaH.analysis import Trust, linear_fits, trust_range
+from deltaH.analysis import linear_fits, rounding_noise, trust_summary, trust_warnings
 from deltaH.config import Config
 from deltaH.estimators.first_order import FirstOrder
 from deltaH.estimators.influence import CovarianceProxy
@@ -62,24 +62,26 @@ def ref_index(etas: list[float], eta_ref: float) -> int:
     return int(np.argmin([abs(math.log(e) - math.log(eta_ref)) for e in etas]))
 
 
-def full_trust(sw: Sweep, fo: FirstOrder, etas: list[float], n_eval: int, check_retained: bool) -> Trust:
-    """The trust verdicts of the full update's sweep."""
-    f = {k: to_np(v)[:, 0] for k, v in sw.fields.items()}
-    return trust_range(
+def trust_of(
+    sw: Sweep, fo: FirstOrder, etas: list[float], n_eval: int, top_p: bool, dtype: str
+) -> dict[str, Any]:
+    """The one trust rule (:func:`deltaH.analysis.trust_summary`) over every decomposition."""
+    columns = {k: to_np(v).tolist() for k, v in sw.fields.items()}
+    return trust_summary(
         etas,
-        f["delta_h"],
-        float(fo.slope[0]),
-        f["ess"],
-        f["khat"],
-        f["retained_mass"],
+        DECOMPOSITIONS,
+        columns,
+        to_np(fo.slope).tolist(),
         n_eval,
         sw.khat_threshold,
-        check_retained=check_retained,
+        top_p=top_p,
+        dtype=dtype,
+        noise=rounding_noise(dtype, sw.h_orig, n_eval),
     )
 
 
 def decompositions(
-    cfg: Config, sw: Sweep, fo: FirstOrder, so: torch.Tensor | None, etas: list[float], trusted: list[bool]
+    cfg: Config, sw: Sweep, fo: FirstOrder, so: torch.Tensor | None, etas: list[float], trust: dict[str, Any]
 ) -> dict[str, sc.Decomposition]:
     f = {k: to_np(v) for k, v in sw.fields.items()}
     slope = to_np(fo.slope)
@@ -92,7 +94,7 @@ def decompositions(
             **{k: f[k][:, j].tolist() for k in f},
             first_order=first if cfg.analyses.first_order else None,
             second_order=None if so is None else to_np(so)[:, j].tolist(),
-            fit=sc.LineFit(**linear_fits(etas, f["delta_h"][:, j], trusted)),  # type: ignore[arg-type]
+            fit=sc.LineFit(**linear_fits(etas, f["delta_h"][:, j], trust["decompositions"][name]["trusted"])),  # type: ignore[arg-type]
         )
     return out
 
@@ -153,18 +155,21 @@ def checkpoint_summary(inp: Inputs) -> dict[str, Any]:
     return {
         **to_jsonable(d),
         "n_trainable": int(sum(p.numel() for p in inp.params.values())),
-        "dtype": str(inp.lm.dtype).replace("torch.", ""),
+        "dtype": inp.compute_dtype,
+        "trainable_dtype": str(inp.lm.dtype).removeprefix("torch."),
     }
 
 
-def warnings_of(bt: Batches, dr: Directions, grid: EtaGrid, tr: Trust) -> list[str]:
+def warnings_of(bt: Batches, dr: Directions, grid: EtaGrid, trust: dict[str, Any]) -> list[str]:
     out = [*bt.warnings, *dr.warnings, *grid.warnings]
-    if not tr.trusted[ref_index(grid.etas, dr.eta_ref)]:
+    if not trust["trusted"][ref_index(grid.etas, dr.eta_ref)]:
+        lo, hi = trust["eta_min"], trust["eta_max"]
+        rng = f"[{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) else "(empty)"
         out.append(
-            f"the reference η = {dr.eta_ref:.3g} is outside the trustworthy range "
-            f"[{tr.eta_min:.3g}, {tr.eta_max:.3g}]: treat ΔH there with care"
+            f"the reference η = {dr.eta_ref:.3g} is outside the trustworthy range {rng}: "
+            "treat ΔH there with care"
         )
-    return out + tr.notes
+    return out + trust_warnings(trust)
 
 
 def summarise(
@@ -183,7 +188,7 @@ def summarise(
 ) -> sc.RunSummary:
     """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
     etas = grid.etas
-    tr = full_trust(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0)
+    trust = trust_of(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0, inp.compute_dtype)
     ud = dr.update
     kernel = None
     if kern is not None:
@@ -206,12 +211,10 @@ def summarise(
         entropy_mode=cfg.analyses.entropy_mode,
         eta=etas,
         eta_reference=dr.eta_ref,
-        decompositions=decompositions(cfg, sw, fo, so, etas, tr.trusted),
-        trust=sc.TrustInfo(
-            tr.eta_min, tr.eta_max, tr.precision_floor, sw.khat_threshold, tr.trusted, tr.notes
-        ),
+        decompositions=decompositions(cfg, sw, fo, so, etas, trust),
+        trust=sc.TrustInfo.from_json(trust),
         influence=influence_summary(inf, bt),
         kernel=kernel,
         proxy=None if px is None else sc.ProxyInfo(**px.__dict__),
-        warnings=warnings_of(bt, dr, grid, tr),
+        warnings=warnings_of(bt, dr, grid, trust),
     )

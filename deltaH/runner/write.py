@@ -51,6 +51,11 @@ def write_sweep(rd: ResultsDir, cfg: Config, etas: list[float], sw: Sweep, slope
     rd.save_array("delta_h1", eta[:, None] * to_np(slope)[None, :], "first-order δH₁ [n_eta, 4]")
     rd.save_array("ess", to_np(sw.fields["ess"]), "effective sample size [n_eta, 4]")
     rd.save_array("khat", to_np(sw.fields["khat"]), "PSIS k̂ [n_eta, 4]")
+    rd.save_array(
+        "nucleus_changed",
+        to_np(sw.fields["nucleus_changed"]),
+        "fraction of E's scored positions whose top-p nucleus moved [n_eta, 4]",
+    )
     if cfg.output.detail in ("detailed", "debug"):
         rd.save_array(
             "per_sequence_full",
