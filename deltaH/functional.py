@@ -66,6 +66,21 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in names else "past_key_values"
 
 
+def _shape_error(what: str, name: str, shape: tuple[int, ...], want: tuple[int, ...], stacked: bool) -> str:
+    """The message for a tree leaf whose shape does not fit its parameter (one line)."""
+    if not stacked:
+        return f"{what}['{name}'] has shape {shape}; the parameter has shape {want}"
+    expected = "(K, " + ", ".join(str(s) for s in want) + ")" if want else "(K,)"
+    if shape == want:  # one unstacked direction, e.g. UpdateDirections.full
+        return (
+            f"{what}['{name}'] has shape {shape}, the parameter's own shape, but {what} holds stacked "
+            f"directions with a leading direction axis K: expected shape {expected}. For one direction "
+            "use delta_h_true(...) or add the axis with tensor.unsqueeze(0); UpdateDirections.stacked() "
+            "stacks full, baseline, grad and baseline+grad as [4, ...]"
+        )
+    return f"{what}['{name}'] has shape {shape}; expected {expected} (a direction axis K, then {want})"
+
+
 def _check_adapters(model: nn.Module) -> None:
     """Refuse peft adapters that would silently bypass their LoRA parameters."""
     for name, mod in model.named_modules():
@@ -177,10 +192,7 @@ class FunctionalLM:
                 want = tuple(self.params[name].shape)
                 got = tuple(t.shape[1:]) if stacked else tuple(t.shape)
                 if got != want:
-                    raise ValueError(
-                        f"{what}['{name}'] has shape {tuple(t.shape)}; the parameter has shape {want}"
-                        + (" (with a leading direction axis K)" if stacked else "")
-                    )
+                    raise ValueError(_shape_error(what, name, tuple(t.shape), want, stacked))
                 continue
             if name in self.aliases:
                 raise ValueError(
