@@ -1,4 +1,4 @@
-"""First-order prediction δH₁ (DESIGN.md §1.4), forward and reverse mode, plus a second-order term.
+"""First-order prediction δH₁ (docs/math.md#first-order): forward and reverse mode, plus a second-order term.
 
 With per-sequence directional derivatives ``a_n = ∂_v logq_n`` and ``b_n = ∂_v e_n`` (``e`` the
 RB entropy, or the surprisal ``−logq`` in naive mode, where ``b = −a``), the exact derivative of

@@ -1,4 +1,5 @@
-"""Influence matrices and the covariance proxy (DESIGN.md §1.7, §1.9).
+"""Influence matrices and the covariance proxy (docs/math.md#influence-matrices,
+docs/math.md#covariance-proxy).
 
 Influence matrix at a reference step ``η`` along the per-sequence AdamW components ``ĉ_i``::
 

@@ -1,4 +1,4 @@
-"""True ΔH by self-normalised importance sampling (DESIGN.md §1.3).
+"""True ΔH by self-normalised importance sampling (docs/math.md#true-entropy-change-snis).
 
 The evaluation batch ``E`` (N sequences) was sampled from ``q_θ``. For directions ``v_k`` and a
 step ``η``, with ``θ'_k = θ + η·v_k`` and per-sequence statistics from :mod:`deltaH.stats`::

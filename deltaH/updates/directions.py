@@ -1,4 +1,4 @@
-"""From an update batch U and the optimizer state to ΔH directions (DESIGN.md §1.5–1.7).
+"""From an update batch U and the optimizer state to ΔH directions (docs/math.md#directions-and-eta).
 
 One call: loss coefficients (exactly the trainer's normalisation) → per-sequence gradients
 ``g_i = coef_i · ∇S_i`` (``vmap(grad)``) → the AdamW step decomposed with ``D`` at its full-batch
@@ -8,7 +8,7 @@ value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` re
     baseline  b̂   = (−lr·λ·θ − lr·β1·m/D) / lr    (momentum + weight decay)
     grad      Σĉ  = Σ_i c_i / lr                  (this batch's gradient part)
     components ĉ_i = −(1−β1)·clip·g_i / D          [M, ...]    (one per update sequence)
-    precond   P   = (1−β1) / D                     (the AdamW preconditioner of §1.7)
+    precond   P   = (1−β1) / D                     (AdamW preconditioner, docs/math.md#fisher-kernel)
 
 ``b̂ + Σĉ = u`` to float tolerance.
 """

@@ -1,0 +1,104 @@
+"""What users read: the math page and its anchors, and README statements generated from code.
+
+Users get the repository (README, docs/, configs/, examples/) and the package, never the project's
+internal design notes, so nothing they read may send them there.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MATH = ROOT / "docs" / "math.md"
+
+# The sections the README, reports and docstrings rely on (docs/math.md#<anchor>).
+MATH_SECTIONS = (
+    "policy",
+    "per-sequence-statistics",
+    "true-entropy-change-snis",
+    "reliability-diagnostics",
+    "first-order",
+    "rl-losses",
+    "adamw-step",
+    "directions-and-eta",
+    "influence-matrices",
+    "eta-sweep-and-trust-range",
+    "fisher-kernel",
+    "covariance-proxy",
+)
+LINK = re.compile(r"docs/math\.md#([A-Za-z0-9_-]+)")
+INTERNAL = re.compile(r"\]\(#([A-Za-z0-9_-]+)\)")
+FORBIDDEN = re.compile(r"DESIGN|shared/|§\s*\d")
+
+
+def user_facing_files() -> list[Path]:
+    """Every text file a user of the repository or the package reads (tests are for developers)."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for folder, pattern in (("deltaH", "*.py"), ("examples", "*.py"), ("configs", "*.yaml")):
+        files += sorted((ROOT / folder).rglob(pattern))
+    files += sorted((ROOT / "deltaH" / "toy" / "artifacts").rglob("*.md"))
+    return [f for f in files if f.is_file()]
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation dropped, spaces → '-'."""
+    text = heading.strip().lower()
+    kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
+    return kept.replace(" ", "-")
+
+
+def math_anchors() -> set[str]:
+    heads = [m.group(1) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*$", MATH.read_text(), re.M)]
+    return {github_slug(h) for h in heads}
+
+
+def test_slug_rule() -> None:
+    assert github_slug("True entropy change (SNIS)") == "true-entropy-change-snis"
+    assert github_slug("Directions and eta") == "directions-and-eta"
+    assert github_slug("A.B: c, d") == "ab-c-d"
+
+
+def test_math_page_has_every_section() -> None:
+    missing = sorted(set(MATH_SECTIONS) - math_anchors())
+    assert not missing, f"docs/math.md lacks the headings of anchors {missing}"
+
+
+def test_every_math_link_points_to_a_heading() -> None:
+    anchors = math_anchors()
+    links: list[tuple[str, str]] = []
+    for f in user_facing_files():
+        links += [(str(f.relative_to(ROOT)), a) for a in LINK.findall(f.read_text(encoding="utf-8"))]
+    links += [("docs/math.md", a) for a in INTERNAL.findall(MATH.read_text())]
+    assert len(links) >= len(MATH_SECTIONS)  # the scan finds the links (a broken regex passes nothing)
+    broken = [(where, a) for where, a in links if a not in anchors]
+    assert not broken, f"links to missing docs/math.md headings: {broken}"
+    used = {a for _, a in links}
+    assert "influence-matrices" in used and "true-entropy-change-snis" in used
+
+
+@pytest.mark.parametrize("path", user_facing_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_pointer_to_internal_design_notes(path: Path) -> None:
+    """No 'DESIGN', 'shared/' or '§1.x' in what users read: they point to docs/math.md instead."""
+    hits = [
+        f"{i}: {line.strip()[:100]}"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if FORBIDDEN.search(line)
+    ]
+    assert not hits, f"{path.relative_to(ROOT)} points to notes users do not have: {hits}"
+
+
+def test_readme_links_the_math_page() -> None:
+    assert "](docs/math.md)" in (ROOT / "README.md").read_text()
+
+
+def test_readme_config_table_is_generated_from_the_config() -> None:
+    """The README's key table is ``describe_config()`` verbatim (help texts carry the math links)."""
+    from deltaH.config import describe_config
+
+    assert describe_config() in (ROOT / "README.md").read_text(), (
+        "README.md's configuration table is stale: paste deltaH.config.describe_config() over it"
+    )
