@@ -34,6 +34,7 @@ from deltaH.estimators.influence import covariance_proxy, influence_matrix
 from deltaH.estimators.kernel import fisher_kernel, kernel_summary
 from deltaH.estimators.true import base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
+from deltaH.io.progress import progress_bar
 from deltaH.io.results import ResultsDir, to_jsonable
 from deltaH.policy import SamplingPolicy
 from deltaH.stats import token_diagnostics
@@ -257,6 +258,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
         policy = SamplingPolicy(cfg.policy.temperature, cfg.policy.top_p)
 
     with timer("batches"):
+        log.info("sampling the evaluation and update batches")
         ev = build_eval_batch(
             lm,
             params,
@@ -302,6 +304,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             max_completion_length=cfg.loss.max_completion_length or cfg.policy.max_new_tokens,
             max_grad_norm=cfg.checkpoint.max_grad_norm,
             seq_chunk=cfg.compute.seq_chunk,
+            on_progress=progress_bar("per-sequence gradients of U", quiet, "seq"),
         )
         dirs = ud.stacked()
         eta_ref = ud.lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
@@ -377,6 +380,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
             dir_chunk=cfg.compute.dir_chunk,
             entropy_mode=mode,
             base=base,
+            on_progress=progress_bar("first order δH₁", quiet),
             **kw,
         )
     slope_full = float(fo1.slope[0])
@@ -520,6 +524,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
                 dir_chunk=cfg.compute.dir_chunk,
                 entropy_mode=mode,
                 base=base,
+                on_progress=progress_bar("influence, true ΔH", quiet, "col"),
                 **kw,
             )
             inf_1 = influence_matrix(
@@ -531,6 +536,7 @@ def _run_one(cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool) -> None:
                 dir_chunk=cfg.compute.dir_chunk,
                 entropy_mode=mode,
                 base=base,
+                on_progress=progress_bar("influence, first order", quiet),
                 **kw,
             )
         rd.save_array("influence_true", inf_t.matrix, "true influence M[n, i] at η_ref [N_E, N_U]")

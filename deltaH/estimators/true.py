@@ -23,7 +23,7 @@ gives ΔH = 0 and ESS = N exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -195,12 +195,15 @@ def delta_h_true_multi(
     entropy_mode: str = "rb",
     head_chunk: int | None = None,
     base: SequenceStats | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrueDeltaH:
     """True ΔH along K stacked directions ``dirs [K, ...]`` for one η or a sweep of η.
 
     See the module docstring for the formulas. ``dirs`` may cover a subset of the trainable
     parameters (missing names are zero). ``base`` (θ-side stats from :func:`base_stats`) may be
-    passed to reuse it across calls.
+    passed to reuse it across calls. ``on_progress(done, total)``, if given, is called after each
+    chunk of directions with the (direction, η) pairs done out of ``K · n_eta`` (for a progress bar
+    at the edge; it does not change the result).
     """
     check_options(entropy_mode, dir_chunk)
     etas, scalar = _as_etas(eta)
@@ -218,6 +221,7 @@ def delta_h_true_multi(
             entropy_mode,
             head_chunk,
             base,
+            on_progress,
         )
 
 
@@ -234,6 +238,7 @@ def _delta_h_true_multi(
     entropy_mode: str,
     head_chunk: int | None,
     base: SequenceStats | None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrueDeltaH:
     lm.check_names(params)
     dirs = validate_dirs(lm, params, dirs)
@@ -243,19 +248,19 @@ def _delta_h_true_multi(
         base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
     zero = _trees.is_zero(dirs)
     results = []
-    for e in etas:
+    for i, e in enumerate(etas):
         lq1 = base.logq.unsqueeze(0).repeat(k_total, 1)
         en1 = base.entropy.unsqueeze(0).repeat(k_total, 1)
-        if e != 0.0:
-            for s in range(0, k_total, dir_chunk):
-                idx = torch.arange(s, min(s + dir_chunk, k_total))
-                idx = idx[~zero[idx]]  # θ' = θ exactly: keep the θ-side values
-                if idx.numel() == 0:
-                    continue
+        for s in range(0, k_total, dir_chunk):
+            idx = torch.arange(s, min(s + dir_chunk, k_total))
+            idx = idx[~zero[idx]] if e != 0.0 else idx[:0]  # θ' = θ exactly: keep the θ-side values
+            if idx.numel() > 0:
                 shifted = {n: params[n] + e * d[idx.to(d.device)] for n, d in dirs.items()}
                 lq, en = stats_of_chunks(lm, params, shifted, chunks, policy, head_chunk)
                 lq1[idx.to(lq1.device)] = lq
                 en1[idx.to(en1.device)] = en
+            if on_progress is not None:
+                on_progress(i * k_total + min(s + dir_chunk, k_total), len(etas) * k_total)
         results.append(snis(base, lq1, en1, entropy_mode))
     return _assemble(results, etas, scalar, base)
 

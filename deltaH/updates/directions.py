@@ -16,7 +16,7 @@ value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` re
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +67,13 @@ def update_directions(
     max_completion_length: int | None = None,
     max_grad_norm: float | None = None,
     seq_chunk: int = 8,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> UpdateDirections:
-    """Directions of the AdamW step on ``batch`` (U, ``M`` sequences, advantages ``adv [M]``)."""
+    """Directions of the AdamW step on ``batch`` (U, ``M`` sequences, advantages ``adv [M]``).
+
+    ``on_progress(done, total)``, if given, is called as the per-sequence gradients finish
+    (sequences done out of ``M``), for a progress bar at the edge.
+    """
     lm.check_names(params)
     missing = [n for n in params if n not in state.names]
     if missing:
@@ -89,7 +94,7 @@ def update_directions(
     )
     names = list(params)
     g_seq, _ = sequence_logprob_grads(
-        lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk
+        lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk, on_progress=on_progress
     )
     per_seq = {n: g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
     dec = adamw_decompose(params, per_seq, state, max_grad_norm=max_grad_norm)
