@@ -471,8 +471,9 @@ class OutputConfig:
     dir: str = _opt("results", (
         "Parent folder; each run writes a new timestamped subfolder in it unless --out is given"), _string())
     detail: str = _opt("standard", (
-        "How much is saved: minimal, standard (+ per-sequence arrays), detailed (+ per-token arrays) or "
-        "debug"), _choice("minimal", "standard", "detailed", "debug"))
+        "How much is saved (docs/results-schema.md): minimal (summary, report, arrays), standard "
+        "(+ batches/*.jsonl), detailed (+ per_sequence_full) or debug (+ per-token eval_token_* arrays)"),
+        _choice("minimal", "standard", "detailed", "debug"))
     plots: bool = _opt(True, "Write plots (needs matplotlib)", _boolean())
 
     def __post_init__(self) -> None:

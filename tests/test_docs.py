@@ -6,6 +6,7 @@ internal design notes, so nothing they read may send them there.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from pathlib import Path
@@ -102,3 +103,51 @@ def test_readme_config_table_is_generated_from_the_config() -> None:
     assert describe_config() in (ROOT / "README.md").read_text(), (
         "README.md's configuration table is stale: paste deltaH.config.describe_config() over it"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# output.detail: docs/results-schema.md's table is what the runner writes at each level.
+# ---------------------------------------------------------------------------------------------
+LEVELS = ("minimal", "standard", "detailed", "debug")
+
+
+def documented_files() -> dict[str, set[str]]:
+    """Level → the files docs/results-schema.md says it writes (its own row plus those above)."""
+    text = (ROOT / "docs" / "results-schema.md").read_text()
+    section = text.split("## Detail levels", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        level = re.match(r"`(\w+)`", cells[0]) if len(cells) == 2 else None
+        if level and level.group(1) in LEVELS:
+            rows[level.group(1)] = {f for f in re.findall(r"`([^`]+)`", cells[1]) if "." in f}
+    assert list(rows) == list(LEVELS), f"the detail table needs one row per level, in order: {list(rows)}"
+    out, acc = {}, set()
+    for lev in LEVELS:
+        acc = acc | rows[lev]
+        out[lev] = set(acc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs_by_level(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from deltaH.config import load_config
+    from deltaH.runner import run
+
+    tiny = ["eval_batch.total_sequences=8", "update_batch.n_prompts=2", "update_batch.group_size=4",
+            "policy.max_new_tokens=4", "eta.grid=[1e-4]", "output.plots=false",
+            "analyses.influence=true", "analyses.kernel=true"]
+    base = tmp_path_factory.mktemp("levels")
+    return {lev: Path(run(load_config("configs/toy.yaml", [*tiny, f"output.detail={lev}"]),
+                          out=base / lev, quiet=True)) for lev in LEVELS}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_detail_level_writes_exactly_the_documented_files(runs_by_level: dict[str, Path], level: str) -> None:
+    run_dir = runs_by_level[level]
+    written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    documented = documented_files()[level]
+    assert written - documented == set(), f"{level}: written but not documented for this level"
+    assert documented - written == set(), f"{level}: documented but not written"
+    manifest = json.loads((run_dir / "arrays" / "manifest.json").read_text())
+    assert {f"arrays/{e['file']}" for e in manifest.values()} == {w for w in written if w.endswith(".npy")}
