@@ -10,15 +10,22 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
 .PHONY: setup demo test lint bench clean
 
+# One line per step, and pip's own progress (no -q): the first build takes minutes and must not
+# look stuck. The times are those of a 2-core AMD EPYC with the wheels already cached.
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "[setup 1/3] creating $(VENV) with $(PYTHON) (first run only; about 1.5 min in all)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,plots]'
+	@echo "[setup 2/3] installing $(TORCH_PIN) (CPU build; the largest download)"
+	$(PY) -m pip install --progress-bar on $(TORCH_PIN)
+	@echo "[setup 3/3] installing deltaH and its dependencies (transformers, peft, trl, pytest, ...)"
+	$(PY) -m pip install --progress-bar on -e '.[dev,plots]'
 	touch $@
+	@echo "[setup] done: $(VENV) is ready"
 
 setup: $(VENV)/.installed
 
 demo: setup
+	@echo "[demo] deltah run configs/toy.yaml (about 30 s to 3 min on a 2-core CPU; progress bars follow)"
 	$(VENV)/bin/deltah run configs/toy.yaml
 
 lint: setup
