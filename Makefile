@@ -24,9 +24,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# The toy's matrices are tiny: threads gain nothing, and on a busy 2-core machine torch's default two
+# threads wait on each other (the same demo took 161 s with 2 threads, 23 s with 1, side by side).
+DEMO_THREADS ?= 1
+
 demo: setup
-	@echo "[demo] deltah run configs/toy.yaml (about 30 s to 3 min on a 2-core CPU; progress bars follow)"
-	$(VENV)/bin/deltah run configs/toy.yaml
+	@echo "[demo] deltah run configs/toy.yaml with $(DEMO_THREADS) thread(s): about 20-30 s on a 2-core CPU"
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(VENV)/bin/deltah run configs/toy.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check deltaH tests benchmarks examples
