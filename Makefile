@@ -13,7 +13,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 # One line per step, and pip's own progress (no -q): the first build takes minutes and must not
 # look stuck. The times are those of a 2-core AMD EPYC with the wheels already cached.
 $(VENV)/.installed: pyproject.toml Makefile
-	@echo "[setup 1/3] creating $(VENV) with $(PYTHON) (first run only; about 1.5 min in all)"
+	@echo "[setup 1/3] creating $(VENV) with $(PYTHON) (first run only; 1-2 min in all)"
 	$(PYTHON) -m venv $(VENV)
 	@echo "[setup 2/3] installing $(TORCH_PIN) (CPU build; the largest download)"
 	$(PY) -m pip install --progress-bar on $(TORCH_PIN)
