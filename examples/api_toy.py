@@ -3,7 +3,7 @@
 Loads the toy (a Trainer checkpoint: peft LoRA model, tokenizer, AdamW state), samples an
 evaluation batch E and an update batch U from the sampling policy, rebuilds the next AdamW step
 on U, and measures how it changes the entropy on E: true ΔH, first-order δH₁, one direction alone.
-Runs in a few seconds on a CPU: ``python examples/api_toy.py``. The math: docs/math.md.
+Runs in 10-20 s on a 2-core CPU: ``python examples/api_toy.py``. The math: docs/math.md.
 """
 
 import torch

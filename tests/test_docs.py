@@ -12,6 +12,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "docs" / "math.md"
@@ -138,8 +139,13 @@ def runs_by_level(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "policy.max_new_tokens=4", "eta.grid=[1e-4]", "output.plots=false",
             "analyses.influence=true", "analyses.kernel=true"]
     base = tmp_path_factory.mktemp("levels")
-    return {lev: Path(run(load_config("configs/toy.yaml", [*tiny, f"output.detail={lev}"]),
-                          out=base / lev, quiet=True)) for lev in LEVELS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy-sized work: one thread avoids threads waiting on a busy CPU
+    try:
+        return {lev: Path(run(load_config("configs/toy.yaml", [*tiny, f"output.detail={lev}"]),
+                              out=base / lev, quiet=True)) for lev in LEVELS}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("level", LEVELS)

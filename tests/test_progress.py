@@ -6,6 +6,7 @@ runner must give every long stage (per-sequence gradients, first order, influenc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,15 @@ class Recorder:
         dones = [d for d, _ in self.calls]
         assert {t for _, t in self.calls} == {total}
         assert dones == sorted(set(dones)) and dones[0] > 0 and dones[-1] == total
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Toy-sized work: one torch thread avoids two threads waiting on each other on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
