@@ -10,16 +10,27 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
 .PHONY: setup demo test lint bench clean
 
+# One line per step, and pip's own progress (no -q): the first build takes minutes and must not
+# look stuck. The times are those of a 2-core AMD EPYC with the wheels already cached.
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "[setup 1/3] creating $(VENV) with $(PYTHON) (first run only; 1-2 min in all)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,plots]'
+	@echo "[setup 2/3] installing $(TORCH_PIN) (CPU build; the largest download)"
+	$(PY) -m pip install --progress-bar on $(TORCH_PIN)
+	@echo "[setup 3/3] installing deltaH and its dependencies (transformers, peft, trl, pytest, ...)"
+	$(PY) -m pip install --progress-bar on -e '.[dev,plots]'
 	touch $@
+	@echo "[setup] done: $(VENV) is ready"
 
 setup: $(VENV)/.installed
 
+# The toy's matrices are tiny: threads gain nothing, and on a busy 2-core machine torch's default two
+# threads wait on each other (the same demo took 161 s with 2 threads, 23 s with 1, side by side).
+DEMO_THREADS ?= 1
+
 demo: setup
-	$(VENV)/bin/deltah run configs/toy.yaml
+	@echo "[demo] deltah run configs/toy.yaml with $(DEMO_THREADS) thread(s): about 20-30 s on a 2-core CPU"
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(VENV)/bin/deltah run configs/toy.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check deltaH tests benchmarks examples

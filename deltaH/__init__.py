@@ -1,8 +1,9 @@
 """deltaH: how does one optimizer step change an LLM policy's entropy?
 
 Exactly (self-normalised importance sampling), to first order, and per update sequence.
-See DESIGN.md for the math. The public surface below is imported lazily (PEP 562), so that
-``import deltaH.config`` (config validation) does not pay for torch and transformers.
+The math is in docs/math.md (in the source repository). The public surface below is imported
+lazily (PEP 562), so that ``import deltaH.config`` (config validation) does not pay for torch and
+transformers.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Pure functions of numbers (no I/O). :func:`trust_range` is the only place that d
 and the report and ``deltah inspect`` print them (:func:`trust_warnings`), never re-deriving them.
 
 **The rule**, for one decomposition with sweep ``ΔH(η)``, first-order slope ``s`` (``δH₁ = η·s``)
-and, at each η, ESS, k̂, retained mass and the nucleus-changed fraction (DESIGN §1.3):
+and, at each η, ESS, k̂, retained mass and the nucleus-changed fraction (docs/math.md#reliability-diagnostics):
 
 1. *Step too large for the batch* (each η on its own; every η from the smallest failing one up is
    untrusted, since these failures grow with η):

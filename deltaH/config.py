@@ -332,7 +332,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The sampling policy q (DESIGN.md §1.1): both batches are drawn from it, its entropy measured."""
+    """The sampling policy q (docs/math.md#policy): both batches are drawn from it, its entropy measured."""
 
     temperature: float = _opt(1.0, "Sampling temperature τ", _number(0, lo_open=True))
     top_p: float = _opt(1.0, "Nucleus mass p; 1.0 = no truncation", _number(0, 1, lo_open=True))
@@ -378,7 +378,7 @@ class UpdateBatchConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The trainer's RL loss and its normalisation (DESIGN.md §1.5); match the run exactly."""
+    """The trainer's RL loss and its normalisation (docs/math.md#rl-losses); match the run exactly."""
 
     type: str = _opt("dapo", (
         "grpo (per-sequence mean), dr_grpo (÷ B·G·L_max), dapo (token mean over U, TRL's default) or "
@@ -396,7 +396,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class EtaConfig:
-    """Step sizes η, per unit learning rate: η = lr reproduces the real step (DESIGN.md §1.7)."""
+    """Step sizes η per unit learning rate: η = lr is the real step (docs/math.md#directions-and-eta)."""
 
     grid: str | tuple[float, ...] = _opt("auto", (
         "'auto' (n_points log-spaced values around the reference) or a non-empty list of positive "
@@ -414,20 +414,23 @@ class EtaConfig:
 class AnalysesConfig:
     """Which analyses run beside ΔH along the update decompositions (always computed)."""
 
-    first_order: bool = _opt(True, "First-order prediction δH₁ beside each ΔH (§1.4)", _boolean())
+    first_order: bool = _opt(True, "First-order prediction δH₁ beside each ΔH (docs/math.md#first-order)",
+                             _boolean())
     second_order: bool = _opt(False, "Second-order term along each decomposition (slower)", _boolean())
     influence: bool = _opt(True, (
         "Influence matrix [N_E, N_U]: each update sequence's ΔH on each evaluation sequence at the "
-        "reference η (§1.7)"), _boolean())
-    kernel: bool = _opt(False, "Cross Fisher kernel [N_E, N_U] with the AdamW preconditioner (§1.7)",
-                        _boolean())
+        "reference η (docs/math.md#influence-matrices)"), _boolean())
+    kernel: bool = _opt(False, (
+        "Cross Fisher kernel [N_E, N_U] with the AdamW preconditioner (docs/math.md#fisher-kernel)"),
+        _boolean())
     kernel_method: str = _opt("exact", (
         "exact (streamed over parameter blocks) or projection (seeded random projection to "
         "kernel_proj_dim); checked even when kernel is false"), _choice("exact", "projection"))
     kernel_proj_dim: int = _opt(1024, "Projection dimension k of kernel_method=projection",
                                 _number(1, integer=True))
-    proxy: bool = _opt(True, "Published proxies (covariance rule of Cui et al. 2025) beside ΔH (§1.9)",
-                       _boolean())
+    proxy: bool = _opt(True, (
+        "Published proxies (covariance rule of Cui et al. 2025) beside ΔH (docs/math.md#covariance-proxy)"),
+        _boolean())
     entropy_mode: str = _opt("rb", (
         "Per-sequence entropy averaged by the estimators: rb (Rao-Blackwellised, lower variance) or "
         "naive (surprisal)"), _choice("rb", "naive"))
@@ -459,8 +462,9 @@ class OutputConfig:
     dir: str = _opt("results", (
         "Parent folder; each run writes a new timestamped subfolder in it unless --out is given"), _string())
     detail: str = _opt("standard", (
-        "How much is saved: minimal, standard (+ per-sequence arrays), detailed (+ per-token arrays) or "
-        "debug"), _choice("minimal", "standard", "detailed", "debug"))
+        "How much is saved (docs/results-schema.md): minimal (summary, report, arrays), standard "
+        "(+ batches/*.jsonl), detailed (+ per_sequence_full) or debug (+ per-token eval_token_* arrays)"),
+        _choice("minimal", "standard", "detailed", "debug"))
     plots: bool = _opt(True, "Write plots (needs matplotlib)", _boolean())
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ silently wrong. This module holds the project's one call of ``torch.func.functio
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,8 @@ class _Split(nn.Module):
             return out[0] if isinstance(out, tuple) else out.last_hidden_state
         if part == "step":  # incremental decoding with a KV cache (the sampler)
             out = self.model(input_ids=x, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kw)
-            return out.logits[:, -1], out.past_key_values
+            # Read the cache back under the name it was passed as (``cache`` or ``past_key_values``).
+            return out.logits[:, -1], getattr(out, "cache" if "cache" in kw else "past_key_values")
         return self._parts["head"](x)
 
 
@@ -50,6 +52,35 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The underlying ``PreTrainedModel`` of a peft wrapper (with LoRA layers injected), or itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` where it exists, else ``past_key_values``.
+
+    transformers renamed ``past_key_values`` to ``cache`` (inputs and outputs); the old name still
+    works but warns on every call and goes away in 5.40. ``inspect.signature`` follows the
+    deprecation decorator's ``__wrapped__`` to the real parameters.
+    """
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return "past_key_values"
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def _shape_error(what: str, name: str, shape: tuple[int, ...], want: tuple[int, ...], stacked: bool) -> str:
+    """The message for a tree leaf whose shape does not fit its parameter (one line)."""
+    if not stacked:
+        return f"{what}['{name}'] has shape {shape}; the parameter has shape {want}"
+    expected = "(K, " + ", ".join(str(s) for s in want) + ")" if want else "(K,)"
+    if shape == want:  # one unstacked direction, e.g. UpdateDirections.full
+        return (
+            f"{what}['{name}'] has shape {shape}, the parameter's own shape, but {what} holds stacked "
+            f"directions with a leading direction axis K: expected shape {expected}. For one direction "
+            "use delta_h_true(...) or add the axis with tensor.unsqueeze(0); UpdateDirections.stacked() "
+            "stacks full, baseline, grad and baseline+grad as [4, ...]"
+        )
+    return f"{what}['{name}'] has shape {shape}; expected {expected} (a direction axis K, then {want})"
 
 
 def _check_adapters(model: nn.Module) -> None:
@@ -83,6 +114,7 @@ class FunctionalLM:
     vocab_size: int = 0
     _split: _Split | None = field(default=None, repr=False)
     _attn: str = "eager"
+    _cache_kw: str = "past_key_values"
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -134,6 +166,7 @@ class FunctionalLM:
             head_names=head_names,
             _split=_Split(model, get_dec(), head),
             _attn=attn,
+            _cache_kw=_cache_kwarg(inner),
         )
         lm.vocab_size = lm._probe(inner)
         return lm
@@ -161,10 +194,7 @@ class FunctionalLM:
                 want = tuple(self.params[name].shape)
                 got = tuple(t.shape[1:]) if stacked else tuple(t.shape)
                 if got != want:
-                    raise BatchError(
-                        f"{what}['{name}'] has shape {tuple(t.shape)}; the parameter has shape {want}"
-                        + (" (with a leading direction axis K)" if stacked else "")
-                    )
+                    raise BatchError(_shape_error(what, name, tuple(t.shape), want, stacked))
                 continue
             if name in self.aliases:
                 raise BatchError(
@@ -218,9 +248,8 @@ class FunctionalLM:
 
         ``attention_mask [n, L_past + L]`` covers the cached and the new tokens (left padding ok).
         """
-        return self._call(
-            params, "step", ids, position_ids, attention_mask=attention_mask, past_key_values=past_key_values
-        )
+        kw = {"attention_mask": attention_mask, self._cache_kw: past_key_values}
+        return self._call(params, "step", ids, position_ids, **kw)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,6 +1,6 @@
 """The sampling distribution ``q`` (temperature + nucleus) and its per-token statistics.
 
-For logits ``z_t`` at a position, temperature ``τ`` and nucleus mass ``p`` (DESIGN.md §1.1)::
+For logits ``z_t`` at a position, temperature ``τ`` and nucleus mass ``p`` (docs/math.md#policy)::
 
     q(· | y_<t) = TopP_p( softmax(z_t / τ) )
 

@@ -1,6 +1,6 @@
 """Per-sequence statistics by teacher forcing: ``log q``, RB entropy, surprisal, token counts.
 
-For sequence ``n`` with scored positions ``R_n`` (DESIGN.md §1.2)::
+For sequence ``n`` with scored positions ``R_n`` (docs/math.md#per-sequence-statistics)::
 
     logq_n      = Σ_{t∈R_n} log q(y_t | y_<t)
     entropy_n   = Σ_{t∈R_n} H(q(· | y_<t))          (Rao–Blackwellised)

@@ -53,6 +53,15 @@ def test_a_changed_key_is_a_miss_and_the_value_is_recomputed(tmp_path: Path) -> 
     ]
 
 
+def test_an_output_over_the_size_cap_is_recomputed_not_stored(tmp_path: Path) -> None:
+    cache = StageCache(tmp_path / "c", max_bytes=8 * 100)
+    cache.put("small", "k", torch.zeros(100, dtype=torch.float64))  # 800 bytes: stored
+    cache.put("big", "k", {"x": torch.zeros(101, dtype=torch.float64)})  # 808 bytes: not stored
+    assert cache.get("small", "k") is not None and cache.get("big", "k") is None
+    cache.clear()
+    assert not (tmp_path / "c").exists()
+
+
 def test_fingerprint_follows_the_checkpoint_files(tmp_path: Path) -> None:
     (tmp_path / "a.bin").write_bytes(b"12345")
     f1 = fingerprint(tmp_path)

@@ -211,6 +211,9 @@ def test_plots_and_report(tmp_path: Path) -> None:
         assert not Path(rel).is_absolute() and rel.startswith("plots/")
         _check_png(tmp_path / rel)
     assert "## How to read this" in text and "retained mass" in text
+    # formulas are linked to the math page users have, never to internal design notes
+    assert "docs/math.md#influence-matrices" in text and "docs/math.md" in text.split("## How to read")[1]
+    assert "DESIGN" not in text and "§" not in text
 
 
 def test_format_summary_table() -> None:

@@ -212,7 +212,7 @@ def test_interrupt_then_resume_redoes_only_unfinished_stages(tmp_path: Path) -> 
         assert done[finished] == "cached", finished  # not recomputed
     assert done["influence"] == "computed" and done["proxy"] == "computed"
     assert ResultsDir.open(out).progress()["status"] == "complete"
-    assert (out / "report.md").is_file()
+    assert (out / "report.md").is_file() and not (out / "cache").exists()  # the cache served its purpose
 
     # The interrupted-and-resumed run equals a straight run with the same config.
     straight = runner.run(cfg, out=tmp_path / "straight", quiet=True)

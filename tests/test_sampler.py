@@ -275,3 +275,50 @@ def test_validation(model6: torch.nn.Module, kwargs: dict, err: type, match: str
     args.update(kwargs)
     with pytest.raises(err, match=match):
         sample(lm, **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "peft-lora"])
+def test_kv_cache_uses_the_supported_transformers_api(model6: torch.nn.Module, lora: bool) -> None:
+    """No ``past_key_values`` deprecation from transformers while sampling (plain and peft models).
+
+    The suite ignores FutureWarning (pyproject) and transformers' ``warning_once`` goes to its own
+    non-propagating logger, so both channels are recorded here explicitly, with the once-cache cleared.
+    """
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    model = with_lora(copy.deepcopy(model6)) if lora else model6
+    lm = dh.FunctionalLM.from_model(model)
+    hf_logging.warning_once.cache_clear()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_root = logging.getLogger("transformers")
+    hf_root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch = sample(lm, lm.params, PROMPTS, policy=POLICIES[1], max_new_tokens=4, n_per_prompt=2,
+                           eos_token_id=EOS, pad_token_id=PAD, generator=_gen(0))
+    finally:
+        hf_root.removeHandler(handler)
+    assert len(batch) == 4
+    texts = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    stale = [t for t in texts if "past_key_values" in t or "cache_params" in t]
+    assert not stale, stale
+
+
+def test_cache_keyword_follows_the_model_signature() -> None:
+    """Older transformers (no ``cache`` keyword yet) keep getting ``past_key_values``."""
+    from deltaH.functional import _cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None) -> None: ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, cache: object = None) -> None: ...
+
+    assert _cache_kwarg(Old()) == "past_key_values"
+    assert _cache_kwarg(New()) == "cache"

@@ -482,8 +482,14 @@ def test_argument_errors(lora_setup: Setup) -> None:
     with pytest.raises(ValueError, match="dirs is empty"):
         s.run(dirs={})
     name = next(iter(s.dirs))
-    with pytest.raises(ValueError, match="with a leading direction axis K"):
-        s.run(dirs={name: s.dirs[name][0]})
+    one = s.dirs[name][0]  # one direction without its K axis (what UpdateDirections.full holds)
+    want = ", ".join(str(n) for n in one.shape)
+    with pytest.raises(ValueError, match=rf"has shape \({want}\), the parameter's own shape, .* "
+                                         rf"expected shape \(K, {want}\)\. For one direction use "
+                                         r"delta_h_true\(\.\.\.\).*UpdateDirections\.stacked\(\)"):
+        s.run(dirs={name: one})
+    with pytest.raises(ValueError, match=rf"has shape \(4, 3, {want}\); expected \(K, {want}\)"):
+        s.run(dirs={name: one.expand(4, 3, *one.shape)})
     other = next(n for n in s.dirs if n != name)
     with pytest.raises(ValueError, match="inconsistent leading sizes"):
         s.run(dirs={name: s.dirs[name], other: s.dirs[other][:2]})

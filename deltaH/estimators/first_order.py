@@ -1,4 +1,4 @@
-"""First-order prediction δH₁ (DESIGN.md §1.4), forward and reverse mode, plus a second-order term.
+"""First-order prediction δH₁ (docs/math.md#first-order): forward and reverse mode, plus a second-order term.
 
 With per-sequence directional derivatives ``a_n = ∂_v logq_n`` and ``b_n = ∂_v e_n`` (``e`` the
 RB entropy, or the surprisal ``−logq`` in naive mode, where ``b = −a``), the exact derivative of
@@ -23,7 +23,7 @@ computed from the per-sequence terms. ``second_order=True`` adds ``½ η² d²Δ
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,13 +140,14 @@ def _reverse(
     entropy_mode: str,
     head_chunk: int | None,
     per_sequence: bool,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Tensor], list[dict[str, dict[str, Tensor]]] | None]:
     """``X = ∇F`` over ``names``, and optionally per-sequence gradients of ``(logq_n, e_n)``."""
     e_all = base.entropy if entropy_mode == "rb" else base.surprisal
     grad = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
     per_seq: list[dict[str, dict[str, Tensor]]] | None = [] if per_sequence else None
     start = 0
-    for c in chunks:
+    for j, c in enumerate(chunks):
         p = {n: (params[n].detach().clone().requires_grad_(True) if n in grad else params[n]) for n in params}
         with torch.enable_grad():
             lq_tok, en_tok = chunk_token_stats(lm, p, None, c, policy, head_chunk)
@@ -169,6 +170,8 @@ def _reverse(
                     {"logq": dict(zip(names, g_lq, strict=True)), "e": dict(zip(names, g_e, strict=True))}
                 )
         start += c.n
+        if on_progress is not None:
+            on_progress(j + 1, len(chunks))
     return {n: _dist.all_sum(g) for n, g in grad.items()}, per_seq
 
 
@@ -209,11 +212,14 @@ def delta_h_first_order(
     per_sequence: bool | None = None,
     second_order: bool = False,
     base: SequenceStats | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> FirstOrder:
     """δH₁ along K stacked directions (see the module docstring for the formulas).
 
     ``per_sequence`` defaults to True in forward mode (free there) and False in reverse mode
-    (it needs per-sequence gradients).
+    (it needs per-sequence gradients). ``on_progress(done, total)``, if given, is called after
+    each unit of work: a (direction chunk, sequence chunk) pair in forward mode, a sequence chunk
+    in reverse mode (the second-order term is not counted). It does not change the result.
     """
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
@@ -235,10 +241,16 @@ def delta_h_first_order(
     stderr: Tensor | None = None
     if mode == "forward":
         a_all, b_all = [], []
+        n_units, done = -(-k_total // dir_chunk) * len(chunks), 0
         with torch.no_grad():
             for s in range(0, k_total, dir_chunk):
                 tang = _trees.index(dirs, slice(s, s + dir_chunk))
-                parts = [_forward_chunk(lm, params, tang, c, policy, head_chunk) for c in chunks]
+                parts = []
+                for c in chunks:
+                    parts.append(_forward_chunk(lm, params, tang, c, policy, head_chunk))
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, n_units)
                 a_all.append(torch.cat([p[0] for p in parts], 1))
                 b_all.append(torch.cat([p[1] for p in parts], 1))
         a, b = torch.cat(a_all, 0), torch.cat(b_all, 0)
@@ -260,6 +272,7 @@ def delta_h_first_order(
             entropy_mode,
             head_chunk,
             want_per_seq,
+            on_progress,
         )
         slope = _trees.stacked_dot(dirs, x).to(e.device)
         if seq_grads is not None:

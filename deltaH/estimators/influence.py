@@ -1,4 +1,5 @@
-"""Influence matrices and the covariance proxy (DESIGN.md §1.7, §1.9).
+"""Influence matrices and the covariance proxy (docs/math.md#influence-matrices,
+docs/math.md#covariance-proxy).
 
 Influence matrix at a reference step ``η`` along the per-sequence AdamW components ``ĉ_i``::
 
@@ -52,7 +53,11 @@ def influence_matrix(
     kind: str = "true",
     **kwargs: Any,
 ) -> Influence:
-    """Per-(evaluation × update sequence) contributions along the components ``ĉ_i [N_U, ...]``."""
+    """Per-(evaluation × update sequence) contributions along the components ``ĉ_i [N_U, ...]``.
+
+    ``kwargs`` go to :func:`delta_h_true_multi` or :func:`delta_h_first_order` (``dir_chunk``,
+    ``tf_batch_size``, ``base``, ``on_progress`` for a progress bar, ...).
+    """
     if kind not in KINDS:
         raise ArgumentError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "true":

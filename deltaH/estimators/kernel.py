@@ -1,4 +1,4 @@
-"""Cross Fisher kernel between evaluation and update sequences (DESIGN.md §1.7).
+"""Cross Fisher kernel between evaluation and update sequences (docs/math.md#fisher-kernel).
 
 ::
 

@@ -1,4 +1,4 @@
-"""True ΔH by self-normalised importance sampling (DESIGN.md §1.3).
+"""True ΔH by self-normalised importance sampling (docs/math.md#true-entropy-change-snis).
 
 The evaluation batch ``E`` (N sequences) was sampled from ``q_θ``. For directions ``v_k`` and a
 step ``η``, with ``θ'_k = θ + η·v_k`` and per-sequence statistics from :mod:`deltaH.stats`::
@@ -30,7 +30,7 @@ gives ΔH = 0 and ESS = N exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -209,13 +209,16 @@ def delta_h_true_multi(
     entropy_mode: str = "rb",
     head_chunk: int | None = None,
     base: SequenceStats | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrueDeltaH:
     """True ΔH along K stacked directions ``dirs [K, ...]`` for one η or a sweep of η.
 
     See the module docstring for the formulas. ``dirs`` may cover a subset of the trainable
     parameters (missing names are zero). ``base`` (θ-side stats from :func:`base_stats`) may be
     passed to reuse it across calls; ``nucleus_changed`` is NaN under top-p when ``base`` carries
-    no ``nucleus_key`` (built by hand rather than by :func:`base_stats`).
+    no ``nucleus_key`` (built by hand rather than by :func:`base_stats`). ``on_progress(done, total)``,
+    if given, is called after each chunk of directions with the (direction, η) pairs done out of
+    ``K · n_eta`` (for a progress bar at the edge; it does not change the result).
     """
     check_options(entropy_mode, dir_chunk)
     etas, scalar = _as_etas(eta)
@@ -233,6 +236,7 @@ def delta_h_true_multi(
             entropy_mode,
             head_chunk,
             base,
+            on_progress,
         )
 
 
@@ -249,6 +253,7 @@ def _delta_h_true_multi(
     entropy_mode: str,
     head_chunk: int | None,
     base: SequenceStats | None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrueDeltaH:
     lm.check_names(params)
     dirs = validate_dirs(lm, params, dirs)
@@ -263,16 +268,14 @@ def _delta_h_true_multi(
     # Without θ's keys (a hand-made ``base``) the moved fraction is unknown under top-p: NaN.
     unknown = topp and base.nucleus_key is None
     results = []
-    for e in etas:
+    for i, e in enumerate(etas):
         lq1 = base.logq.unsqueeze(0).repeat(k_total, 1)
         en1 = base.entropy.unsqueeze(0).repeat(k_total, 1)
         moved = torch.full((k_total,), float("nan") if unknown else 0.0, dtype=torch.float64, device=dev)
-        if e != 0.0:
-            for s in range(0, k_total, dir_chunk):
-                idx = torch.arange(s, min(s + dir_chunk, k_total))
-                idx = idx[~zero[idx]]  # θ' = θ exactly: keep the θ-side values
-                if idx.numel() == 0:
-                    continue
+        for s in range(0, k_total, dir_chunk):
+            idx = torch.arange(s, min(s + dir_chunk, k_total))
+            idx = idx[~zero[idx]] if e != 0.0 else idx[:0]  # θ' = θ exactly: keep the θ-side values
+            if idx.numel() > 0:
                 shifted = {n: params[n] + e * d[idx.to(d.device)] for n, d in dirs.items()}
                 if base.nucleus_key is None:  # p = 1 (or no θ keys): nothing to compare
                     lq, en = stats_of_chunks(lm, params, shifted, chunks, policy, head_chunk)
@@ -285,6 +288,8 @@ def _delta_h_true_multi(
                 en1[idx.to(en1.device)] = en
                 if n_moved is not None:
                     moved[idx.to(dev)] = n_moved.to(device=dev, dtype=torch.float64)
+            if on_progress is not None:
+                on_progress(i * k_total + min(s + dir_chunk, k_total), len(etas) * k_total)
         out = snis(base, lq1, en1, entropy_mode)
         if topp and not unknown:
             moved = _dist.all_sum(moved) / n_pos

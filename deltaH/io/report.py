@@ -373,8 +373,9 @@ def _who(summary: Mapping[str, Any], run_dir: Path) -> list[str]:
         return out + [f"Influence of individual update sequences: {NOT_RUN}.", ""]
     kinds = inf.get("kind") or []
     kinds = [kinds] if isinstance(kinds, str) else kinds
-    out.append(f"The gradient part of the step is split into one share per update sequence i (DESIGN §1.7); "
-               f"M[n, i] is the change of evaluation sequence n's contribution to ΔH under share i alone, at "
+    out.append("The gradient part of the step is split into one share per update sequence i "
+               "(docs/math.md#influence-matrices); M[n, i] is the change of evaluation sequence n's "
+               f"contribution to ΔH under share i alone, at "
                f"η = {fmt(inf.get('eta'))} ({', '.join(kinds) or 'kind unknown'}). "
                "Column sums say which update sequences moved the entropy; row sums say where it moved.")
     col = as_float_array(inf.get("column_delta_h"))
@@ -505,6 +506,8 @@ GLOSSARY = """## How to read this
   without this batch's gradient; `grad` is this batch's gradient share; `baseline+grad` must equal `full`.
 - **Influence** — the gradient share split per update sequence; column i of M gives ΔH caused by update
   sequence i alone, row n where on the evaluation batch it lands.
+
+Every formula behind these terms is in docs/math.md of the deltaH source repository.
 """
 
 

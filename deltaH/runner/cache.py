@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,13 +95,40 @@ def unpack(x: Any) -> Any:
     return cls(**{k: unpack(v) for k, v in x.items() if k != "__dc__"})
 
 
-class StageCache:
-    """Stage outputs of one run folder (``<run>/cache``); ``None`` folder = no caching."""
+MAX_BYTES = 2 << 30  # a stage output larger than this (e.g. N_U directions of a large model) is recomputed
 
-    def __init__(self, folder: str | Path | None, on_stage: Callable[[str, str], None] | None = None):
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, list):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+class StageCache:
+    """Stage outputs of one run folder (``<run>/cache``); ``None`` folder = no caching.
+
+    Outputs over ``max_bytes`` are not stored (a resumed run recomputes them); the folder is removed
+    by :meth:`clear` when the run completes, since the results then hold everything.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path | None,
+        on_stage: Callable[[str, str], None] | None = None,
+        max_bytes: int = MAX_BYTES,
+    ):
         self.folder = None if folder is None else Path(folder)
         self.on_stage = on_stage
+        self.max_bytes = max_bytes
         self.events: list[tuple[str, str]] = []
+
+    def clear(self) -> None:
+        if self.folder is not None and self.folder.is_dir():
+            shutil.rmtree(self.folder)
 
     def _event(self, name: str, what: str) -> None:
         self.events.append((name, what))
@@ -122,10 +150,15 @@ class StageCache:
     def put(self, name: str, key: str, value: Any) -> None:
         if self.folder is None:
             return
+        packed = pack(value)
+        size = _nbytes(packed)
+        if size > self.max_bytes:
+            log.info("cache: %s is %.1f GB, not stored (a resumed run recomputes it)", name, size / 1e9)
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.pt"
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "value": pack(value)}, tmp)
+        torch.save({"key": key, "value": packed}, tmp)
         os.replace(tmp, path)
 
     def stage(self, name: str, key: str, compute: Callable[[], T]) -> T:

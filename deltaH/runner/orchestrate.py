@@ -184,6 +184,7 @@ def analyse_checkpoint(
     write_analyses(rd, inf, kern)
     write_summary_and_report(rd, cfg, summary)
     rd.mark_done("report")
+    cache.clear()  # the results folder now holds everything; the cache only served --resume
     return summary
 
 

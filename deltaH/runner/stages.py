@@ -9,6 +9,7 @@ reloads finished stages instead of recomputing them. The orchestrator is
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ from deltaH.estimators.influence import CovarianceProxy, Influence, covariance_p
 from deltaH.estimators.kernel import fisher_kernel
 from deltaH.estimators.true import TrueDeltaH, base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
+from deltaH.io.progress import progress_bar
 from deltaH.policy import SamplingPolicy
 from deltaH.sampling.builders import EvalBatch, UpdateBatch
 from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
 from deltaH.updates.directions import UpdateDirections, update_directions
 
+log = logging.getLogger(__name__)
 PROBE_DECADES = (-6, -5, -4, -3, -2, -1, 0, 1, 2)
 SWEEP_FIELDS = (
     "delta_h",
@@ -164,6 +167,7 @@ class InfluencePair:
 def build_batches(cfg: Config, inp: Inputs) -> Batches:
     from deltaH.sampling.builders import build_eval_batch, build_update_batch
 
+    log.info("sampling the evaluation and update batches")
     common: dict[str, Any] = {"policy": inp.policy, "max_new_tokens": cfg.policy.max_new_tokens}
     ev = build_eval_batch(
         inp.lm,
@@ -211,6 +215,7 @@ def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
         max_completion_length=cfg.loss.max_completion_length or cfg.policy.max_new_tokens,
         max_grad_norm=cfg.checkpoint.max_grad_norm,
         seq_chunk=cfg.compute.seq_chunk,
+        on_progress=progress_bar("per-sequence gradients of U", inp.quiet, "seq"),
     )
     eta_ref = ud.lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
     return Directions(ud, eta_ref)
@@ -219,7 +224,14 @@ def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
 def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:
     """δH₁ slopes (η = 1) of the four decompositions, with jackknife standard errors."""
     return delta_h_first_order(
-        inp.params, dr.stacked, bt.eval.batch, eta=1.0, mode="forward", base=base, **inp.kw(cfg)
+        inp.params,
+        dr.stacked,
+        bt.eval.batch,
+        eta=1.0,
+        mode="forward",
+        base=base,
+        on_progress=progress_bar("first order δH₁", inp.quiet),
+        **inp.kw(cfg),
     )
 
 
@@ -308,8 +320,22 @@ def influence(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: Seque
     comps = dr.update.components
     args = (inp.params, comps, bt.eval.batch)
     return InfluencePair(
-        true=influence_matrix(*args, eta=dr.eta_ref, kind="true", base=base, **inp.kw(cfg)),
-        first_order=influence_matrix(*args, eta=dr.eta_ref, kind="first_order", base=base, **inp.kw(cfg)),
+        true=influence_matrix(
+            *args,
+            eta=dr.eta_ref,
+            kind="true",
+            base=base,
+            on_progress=progress_bar("influence, true ΔH", inp.quiet, "col"),
+            **inp.kw(cfg),
+        ),
+        first_order=influence_matrix(
+            *args,
+            eta=dr.eta_ref,
+            kind="first_order",
+            base=base,
+            on_progress=progress_bar("influence, first order", inp.quiet),
+            **inp.kw(cfg),
+        ),
     )
 
 

@@ -1,9 +1,9 @@
 """The evaluation batch ``E`` and the update batch ``U``, each with its provenance.
 
-``E`` (DESIGN.md §1.3) is ``E_total_sequences = N`` draws from ``q_θ``: ``N / G`` prompts drawn
-*with replacement* from the records, ``G`` responses each. ``U`` is a GRPO generation batch:
-``B_U`` *distinct* prompts, ``G`` responses each, rewarded and turned into advantages as TRL's
-``GRPOTrainer`` does (``grpo_trainer.py``, TRL 1.x)::
+``E`` (docs/math.md#true-entropy-change-snis) is ``E_total_sequences = N`` draws from ``q_θ``:
+``N / G`` prompts drawn *with replacement* from the records, ``G`` responses each. ``U`` is a GRPO
+generation batch: ``B_U`` *distinct* prompts, ``G`` responses each, rewarded and turned into
+advantages as TRL's ``GRPOTrainer`` does (``grpo_trainer.py``, TRL 1.x)::
 
     A[b, g] = r[b, g] − mean_g r[b, :]                                   [B_U, G]
     A      /= std_g r[b, :] + 1e-4        scale_rewards="group" (TRL's default)

@@ -1,4 +1,4 @@
-"""Ancestral sampling from the policy ``q`` of DESIGN.md §1.1 with a KV cache.
+"""Ancestral sampling from the policy ``q`` (docs/math.md#policy) with a KV cache.
 
 At every step each unfinished row draws its next token from::
 
@@ -62,7 +62,7 @@ def sample(
     generator: torch.Generator,
     batch_size: int | None = None,
 ) -> SequenceBatch:
-    """Draw ``n_per_prompt`` responses per prompt from ``q_θ`` (DESIGN.md §1.1) at ``params``.
+    """Draw ``n_per_prompt`` responses per prompt from ``q_θ`` (docs/math.md#policy) at ``params``.
 
     Args:
         lm, params: the model and the parameters ``θ`` to sample at.

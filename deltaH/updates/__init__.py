@@ -1,4 +1,4 @@
-"""Update directions: AdamW reconstruction and decomposition (DESIGN.md §1.6, §1.7)."""
+"""Update directions: AdamW reconstruction and decomposition (docs/math.md#adamw-step)."""
 
 from deltaH.updates.adamw import AdamWDecomposition as AdamWDecomposition
 from deltaH.updates.adamw import AdamWHyper as AdamWHyper

@@ -1,4 +1,6 @@
-"""Exact AdamW update reconstruction and its per-sequence decomposition (DESIGN.md §1.6, §1.7).
+"""Exact AdamW update reconstruction and its per-sequence decomposition (docs/math.md#adamw-step).
+
+Directions per unit learning rate: docs/math.md#directions-and-eta.
 
 For each parameter (tree leaf, shape ``[*s]``) with state ``(m, v, v_max, step)`` and the
 hyper-parameters ``(lr, β1, β2, ε, λ)`` of its param group, ``torch.optim.AdamW.step()`` does::
@@ -123,7 +125,7 @@ class AdamWDecomposition:
 
     ``full``: ``Δθ`` of the real step ``[*s]`` (equal to :func:`adamw_step`'s delta);
     ``baseline``: ``b`` ``[*s]``; ``components``: ``c_i`` ``[M, *s]``; ``denom``: ``D`` ``[*s]``
-    (``1 − β1^t`` folded in; ``(1−β1)/D`` is the AdamW preconditioner ``P`` of §1.7);
+    (``1 − β1^t`` folded in; ``(1−β1)/D`` is the AdamW preconditioner ``P``, docs/math.md#fisher-kernel);
     ``clip_coef``: the clipping factor applied (1.0 without clipping); ``grad_norm``: ``‖Σ_i g_i‖₂``
     before clipping; ``new_state``: the state after the step.
     """
@@ -282,7 +284,7 @@ def adamw_decompose(params: Mapping[str, Tensor], per_seq_grads: Mapping[str, Te
 
 
 def unit_lr(tree: Mapping[str, Tensor], state: AdamWState) -> Tree:
-    """Directions per unit learning rate (§1.7): ``tree[name] / lr[name]``, plain or stacked ``[K, *s]``.
+    """Per unit learning rate (docs/math.md#directions-and-eta): ``tree[name] / lr[name]``, or ``[K, *s]``.
 
     ``u = Δθ / lr`` so that a step ``η = lr`` along ``u`` reproduces the real update; the lr is
     each parameter's own param-group lr.

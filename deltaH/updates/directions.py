@@ -1,4 +1,4 @@
-"""From an update batch U and the optimizer state to ΔH directions (DESIGN.md §1.5–1.7).
+"""From an update batch U and the optimizer state to ΔH directions (docs/math.md#directions-and-eta).
 
 One call: loss coefficients (exactly the trainer's normalisation) → per-sequence gradients
 ``g_i = coef_i · ∇S_i`` (``vmap(grad)``) → the AdamW step decomposed with ``D`` at its full-batch
@@ -8,7 +8,7 @@ value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` re
     baseline  b̂   = (−lr·λ·θ − lr·β1·m/D) / lr    (momentum + weight decay)
     grad      Σĉ  = Σ_i c_i / lr                  (this batch's gradient part)
     components ĉ_i = −(1−β1)·clip·g_i / D          [M, ...]    (one per update sequence)
-    precond   P   = (1−β1) / D                     (the AdamW preconditioner of §1.7)
+    precond   P   = (1−β1) / D                     (AdamW preconditioner, docs/math.md#fisher-kernel)
 
 ``b̂ + Σĉ = u`` to float tolerance.
 """
@@ -16,7 +16,7 @@ value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` re
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +68,13 @@ def update_directions(
     max_completion_length: int | None = None,
     max_grad_norm: float | None = None,
     seq_chunk: int = 8,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> UpdateDirections:
-    """Directions of the AdamW step on ``batch`` (U, ``M`` sequences, advantages ``adv [M]``)."""
+    """Directions of the AdamW step on ``batch`` (U, ``M`` sequences, advantages ``adv [M]``).
+
+    ``on_progress(done, total)``, if given, is called as the per-sequence gradients finish
+    (sequences done out of ``M``), for a progress bar at the edge.
+    """
     lm.check_names(params)
     missing = [n for n in params if n not in state.names]
     if missing:
@@ -90,7 +95,7 @@ def update_directions(
     )
     names = list(params)
     g_seq, _ = sequence_logprob_grads(
-        lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk
+        lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk, on_progress=on_progress
     )
     per_seq = {n: g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
     dec = adamw_decompose(params, per_seq, state, max_grad_norm=max_grad_norm)

@@ -14,7 +14,7 @@ are vmapped together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ def sequence_logprob_grads(
     names: Sequence[str] | None = None,
     seq_chunk: int = 8,
     policy: SamplingPolicy | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sequence gradients ``G_i = ∇ S_i`` (dict of ``[N, *shape]``) and ``S [N]`` (float64).
 
@@ -55,6 +56,7 @@ def sequence_logprob_grads(
     ``policy`` (its temperature replaces ``temperature``), ``S_i`` is the sampling policy's
     ``logq_i`` instead: the log-softmax runs over the top-p nucleus, decided at ``params`` (a
     ``[n, L, V]`` mask per chunk, computed outside ``vmap``) and held fixed.
+    ``on_progress(done, total)``, if given, is called after each chunk with the sequences done.
     """
     if policy is not None:
         temperature = policy.temperature
@@ -105,4 +107,6 @@ def sequence_logprob_grads(
         for n in names:
             grads[n].append(g[n])
         sums.append(val.double())
+        if on_progress is not None:
+            on_progress(min(s + seq_chunk, len(batch)), len(batch))
     return {n: torch.cat(v) for n, v in grads.items()}, torch.cat(sums)

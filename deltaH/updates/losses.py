@@ -1,4 +1,4 @@
-"""RL losses on the update batch U, normalised exactly as the trainer does (DESIGN.md §1.5).
+"""RL losses on the update batch U, normalised exactly as the trainer does (docs/math.md#rl-losses).
 
 U holds ``B`` prompts × ``G`` responses, rows prompt-major. Advantages (TRL's rule)::
 
@@ -19,7 +19,7 @@ micro-batches of ``n_mb`` sequences and ``T_mb`` response tokens):
 | dapo      | ``−A_i / Σ_j |o_j|``  (whole generation batch) |
 | bnpo      | ``−A_i / (T_mb(i) · n_acc)``                 |
 
-With ``n_acc = 1`` these are the DESIGN.md §1.5 formulas (``n_mb = B·G``).
+With ``n_acc = 1`` these are the formulas of docs/math.md#rl-losses (``n_mb = B·G``).
 """
 
 from __future__ import annotations
