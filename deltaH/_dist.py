@@ -23,6 +23,11 @@ def all_sum(x: Tensor) -> Tensor:
     return x
 
 
+def count(n: float | Tensor, device: torch.device | str | None = None) -> Tensor:
+    """The global total of this rank's count ``n`` (sequences, tokens) as a float64 scalar."""
+    return all_sum(torch.tensor(float(n), dtype=torch.float64, device=device))
+
+
 def all_max(x: Tensor) -> Tensor:
     if not active():
         return x

@@ -27,11 +27,14 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from deltaH._choices import SCALE_REWARDS as SCALE_REWARDS
+from deltaH._choices import ScaleRewards as ScaleRewards
+from deltaH._choices import check_choice
 from deltaH.batch import SequenceBatch
 from deltaH.errors import ArgumentError, CheckpointError, DataError
 from deltaH.functional import FunctionalLM
@@ -46,9 +49,6 @@ if TYPE_CHECKING:
     from deltaH.sampling.rewards import RewardFn
 
 logger = logging.getLogger(__name__)
-
-ScaleRewards = Literal["group", "batch", "none"]
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,7 @@ def build_update_batch(
             f"group_size={group_size}: a GRPO group needs >= 2 responses (one response has zero advantage)"
         )
     _check_int("max_resample_attempts", max_resample_attempts, 0)
-    if scale_rewards not in SCALE_REWARDS:
-        raise ArgumentError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
     g = torch.Generator().manual_seed(_check_int("seed", seed, None))
     chosen = torch.randperm(len(records), generator=g)[:n_prompts].tolist()
