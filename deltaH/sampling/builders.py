@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -197,56 +197,27 @@ def build_update_batch(
     degenerate a ``DataError`` says how many. Returns an :class:`UpdateBatch` of ``N = B_U · G``
     rows, group-major.
     """
-    _check_records(records)
-    _check_int("n_prompts", n_prompts, 1)
-    if n_prompts > len(records):
-        raise DataError(
-            f"n_prompts={n_prompts} exceeds the {len(records)} records: U needs distinct prompts; "
-            "lower n_prompts (config key update_batch.n_prompts) or load more prompts (data.path, "
-            "data.limit)"
-        )
-    if _check_int("group_size", group_size, 1) < 2:
-        raise ArgumentError(
-            f"group_size={group_size}: a GRPO group needs >= 2 responses (one response has zero advantage)"
-        )
-    _check_int("max_resample_attempts", max_resample_attempts, 0)
-    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    _check_update_args(records, n_prompts, group_size, max_resample_attempts, scale_rewards)
     eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
     g = torch.Generator().manual_seed(_check_int("seed", seed, None))
     chosen = torch.randperm(len(records), generator=g)[:n_prompts].tolist()
     prompt_ids = _encode(lm, records, chosen, tokenizer, add_special_tokens)
-    kw: dict[str, Any] = dict(policy=policy, max_new_tokens=max_new_tokens, n_per_prompt=group_size,
-                              eos_token_id=eos, pad_token_id=pad, generator=g, batch_size=batch_size)
     G = group_size
     index = [i for i in chosen for _ in range(G)]
     row_records = [records[i] for i in index]
-    responses = _responses(sample(lm, params, prompt_ids, **kw))
-    texts = _decode(tokenizer, responses)
-    rewards = _rewards(reward_fn, texts, row_records)
-    resampled = torch.zeros(n_prompts, dtype=torch.long)
-    for attempt in range(max_resample_attempts + 1):
-        flat = _degenerate(rewards, G)
-        if not flat or attempt == max_resample_attempts:
-            break
-        logger.info("U: %d of %d groups have equal rewards; drawing them again (attempt %d of %d)",
-                    len(flat), n_prompts, attempt + 1, max_resample_attempts)
-        redo = _responses(sample(lm, params, [prompt_ids[k] for k in flat], **kw))
-        rows = [k * G + j for k in flat for j in range(G)]
-        redo_texts = _decode(tokenizer, redo)
-        redo_rewards = _rewards(reward_fn, redo_texts, [row_records[r] for r in rows])
-        for r, resp, text, rew in zip(rows, redo, redo_texts, redo_rewards, strict=True):
-            responses[r], texts[r], rewards[r] = resp, text, rew
-        resampled[flat] += 1
-    if flat:
-        ids = [records[chosen[k]].id for k in flat]
-        more = " ..." if len(ids) > 10 else ""
-        raise DataError(
-            f"{len(flat)} of {n_prompts} groups in U still have identical rewards for all {G} responses "
-            f"after {max_resample_attempts} re-draws (record ids {ids[:10]}{more}); "
-            "their advantages are zero. Use a larger group_size, different prompts (or seed), or a "
-            "higher max_resample_attempts (config keys update_batch.group_size, seed, "
-            "update_batch.max_resample_attempts)"
-        )
+
+    def draw(groups: list[int]) -> tuple[list[list[int]], list[str], list[float]]:
+        """Fresh responses of ``groups`` (prompt-major rows), decoded and rewarded."""
+        resp = _responses(sample(lm, params, [prompt_ids[k] for k in groups], policy=policy,
+                                 max_new_tokens=max_new_tokens, n_per_prompt=G, eos_token_id=eos,
+                                 pad_token_id=pad, generator=g, batch_size=batch_size))
+        texts = _decode(tokenizer, resp)
+        rows = [row_records[k * G + j] for k in groups for j in range(G)]
+        return resp, texts, _rewards(reward_fn, texts, rows)
+
+    responses, texts, rewards, resampled = _draw_until_rewards_differ(
+        draw, n_prompts, G, max_resample_attempts, [records[k].id for k in chosen]
+    )
     r_t = torch.tensor(rewards, dtype=torch.float32)
     return UpdateBatch(
         batch=pack([prompt_ids[k // G] for k in range(len(index))], responses, pad, device=lm.device),
@@ -267,6 +238,65 @@ def build_update_batch(
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _check_update_args(
+    records: Sequence[PromptRecord], n_prompts: int, group_size: int, max_resample_attempts: int,
+    scale_rewards: str,
+) -> None:
+    """The checks of :func:`build_update_batch` that need no model."""
+    _check_records(records)
+    _check_int("n_prompts", n_prompts, 1)
+    if n_prompts > len(records):
+        raise DataError(
+            f"n_prompts={n_prompts} exceeds the {len(records)} records: U needs distinct prompts; "
+            "lower n_prompts (config key update_batch.n_prompts) or load more prompts (data.path, "
+            "data.limit)"
+        )
+    if _check_int("group_size", group_size, 1) < 2:
+        raise ArgumentError(
+            f"group_size={group_size}: a GRPO group needs >= 2 responses (one response has zero advantage)"
+        )
+    _check_int("max_resample_attempts", max_resample_attempts, 0)
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+
+
+def _draw_until_rewards_differ(
+    draw: Callable[[list[int]], tuple[list[list[int]], list[str], list[float]]],
+    n_groups: int,
+    group_size: int,
+    max_attempts: int,
+    group_ids: list[str],
+) -> tuple[list[list[int]], list[str], list[float], Tensor]:
+    """Draw every group once, then re-draw the groups whose rewards are all equal, up to
+    ``max_attempts`` times: ``(responses, texts, rewards, resampled [n_groups])``, rows group-major.
+
+    ``draw(groups)`` samples and rewards the given groups; ``group_ids`` name them in the error.
+    """
+    G = group_size
+    responses, texts, rewards = draw(list(range(n_groups)))
+    resampled = torch.zeros(n_groups, dtype=torch.long)
+    for attempt in range(max_attempts + 1):
+        flat = _degenerate(rewards, G)
+        if not flat or attempt == max_attempts:
+            break
+        logger.info("U: %d of %d groups have equal rewards; drawing them again (attempt %d of %d)",
+                    len(flat), n_groups, attempt + 1, max_attempts)
+        rows = [k * G + j for k in flat for j in range(G)]
+        for r, resp, text, rew in zip(rows, *draw(flat), strict=True):
+            responses[r], texts[r], rewards[r] = resp, text, rew
+        resampled[flat] += 1
+    if flat:
+        ids = [group_ids[k] for k in flat]
+        more = " ..." if len(ids) > 10 else ""
+        raise DataError(
+            f"{len(flat)} of {n_groups} groups in U still have identical rewards for all {G} responses "
+            f"after {max_attempts} re-draws (record ids {ids[:10]}{more}); "
+            "their advantages are zero. Use a larger group_size, different prompts (or seed), or a "
+            "higher max_resample_attempts (config keys update_batch.group_size, seed, "
+            "update_batch.max_resample_attempts)"
+        )
+    return responses, texts, rewards, resampled
+
+
 def _rows(b: EvalBatch | UpdateBatch) -> list[dict[str, Any]]:
     n_tok = b.batch.n_tokens.tolist()
     return [
