@@ -15,12 +15,17 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_sum(x: Tensor) -> Tensor:
+def _all_reduce(x: Tensor, op: str) -> Tensor:
+    """``x`` reduced over ranks by ``dist.ReduceOp.<op>`` (looked up only when distributed is active)."""
     if not active():
         return x
     x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
+
+
+def all_sum(x: Tensor) -> Tensor:
+    return _all_reduce(x, "SUM")
 
 
 def count(n: float | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -29,19 +34,11 @@ def count(n: float | Tensor, device: torch.device | str | None = None) -> Tensor
 
 
 def all_max(x: Tensor) -> Tensor:
-    if not active():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return _all_reduce(x, "MAX")
 
 
 def all_min(x: Tensor) -> Tensor:
-    if not active():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return x
+    return _all_reduce(x, "MIN")
 
 
 def all_cat(x: Tensor, dim: int = -1) -> Tensor:

@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EvalBatch:
-    """``E``: ``N`` sequences with their provenance (per-row fields are ``[N]``).
+class _Drawn:
+    """What ``E`` and ``U`` share: ``N`` sequences drawn from ``q`` with their provenance (per-row
+    fields are ``[N]``).
 
     ``prompt_index`` indexes the ``records`` the batch was built from; ``group`` numbers the
     prompt draws (a prompt drawn twice forms two groups).
@@ -75,38 +76,36 @@ class EvalBatch:
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-ready provenance dict per row."""
-        return _rows(self)
+        n_tok = self.batch.n_tokens.tolist()
+        return [
+            dict(row=i, group=int(self.group[i]), prompt_index=int(self.prompt_index[i]),
+                 record_id=self.record_ids[i], prompt=self.prompts[i], response=self.responses[i],
+                 n_tokens=n_tok[i], seed=self.seed)
+            for i in range(len(self.batch))
+        ]
 
 
 @dataclass(frozen=True)
-class UpdateBatch:
+class EvalBatch(_Drawn):
+    """``E``: ``N`` sequences with their provenance (the fields of every drawn batch, no rewards)."""
+
+
+@dataclass(frozen=True)
+class UpdateBatch(_Drawn):
     """``U``: ``N = B_U · G`` sequences, their rewards and advantages (float32 ``[N]``) and provenance.
 
     ``resampled [B_U]`` counts how many times each group's responses were drawn again because all
     its rewards were equal.
     """
 
-    batch: SequenceBatch
-    prompt_index: Tensor
-    group: Tensor
-    record_ids: list[str]
-    prompts: list[str]
-    responses: list[str]
     rewards: Tensor
     advantages: Tensor
     resampled: Tensor
     scale_rewards: str
-    group_size: int
-    seed: int
-    policy: SamplingPolicy
-    max_new_tokens: int
-
-    def __len__(self) -> int:
-        return len(self.batch)
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-ready provenance dict per row (with ``reward`` and ``advantage``)."""
-        out = _rows(self)
+        out = super().rows()
         for d, r, a in zip(out, self.rewards.tolist(), self.advantages.tolist(), strict=True):
             d.update(reward=r, advantage=a)
         return out
@@ -295,15 +294,6 @@ def _draw_until_rewards_differ(
             "update_batch.max_resample_attempts)"
         )
     return responses, texts, rewards, resampled
-
-
-def _rows(b: EvalBatch | UpdateBatch) -> list[dict[str, Any]]:
-    n_tok = b.batch.n_tokens.tolist()
-    return [
-        dict(row=i, group=int(b.group[i]), prompt_index=int(b.prompt_index[i]), record_id=b.record_ids[i],
-             prompt=b.prompts[i], response=b.responses[i], n_tokens=n_tok[i], seed=b.seed)
-        for i in range(len(b.batch))
-    ]
 
 
 def _check_int(name: str, value: int, low: int | None) -> int:
