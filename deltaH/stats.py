@@ -51,7 +51,7 @@ class SequenceStats:
     @staticmethod
     def pick(entropy: Tensor, surprisal: Tensor, entropy_mode: str) -> Tensor:
         """``e``, the per-sequence entropy the estimators average: the RB ``entropy`` for
-        ``entropy_mode="rb"``, the ``surprisal`` (``−logq``) for ``"naive"`` (DESIGN.md §1.2).
+        ``entropy_mode="rb"``, the ``surprisal`` (``−logq``) for ``"naive"`` (module docstring).
 
         Works for any values that follow the rule: statistics at θ', token sums, derivatives.
         """
