@@ -15,28 +15,30 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_sum(x: Tensor) -> Tensor:
+def _all_reduce(x: Tensor, op: str) -> Tensor:
+    """``x`` reduced over ranks by ``dist.ReduceOp.<op>`` (looked up only when distributed is active)."""
     if not active():
         return x
     x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
+
+
+def all_sum(x: Tensor) -> Tensor:
+    return _all_reduce(x, "SUM")
+
+
+def count(n: float | Tensor, device: torch.device | str | None = None) -> Tensor:
+    """The global total of this rank's count ``n`` (sequences, tokens) as a float64 scalar."""
+    return all_sum(torch.tensor(float(n), dtype=torch.float64, device=device))
 
 
 def all_max(x: Tensor) -> Tensor:
-    if not active():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return _all_reduce(x, "MAX")
 
 
 def all_min(x: Tensor) -> Tensor:
-    if not active():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return x
+    return _all_reduce(x, "MIN")
 
 
 def all_cat(x: Tensor, dim: int = -1) -> Tensor:

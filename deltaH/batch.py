@@ -107,6 +107,16 @@ class Compact:
     targets: Tensor
     n: int
 
+    def per_sequence(self, tok: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
+        """Sum token values ``[..., P]`` (one per scored position) into sequences ``[..., n]``.
+
+        The sum runs in ``dtype`` (float64 by default; ``None`` keeps ``tok``'s dtype) and is
+        differentiable.
+        """
+        tok = tok if dtype is None else tok.to(dtype)
+        out = torch.zeros(*tok.shape[:-1], self.n, dtype=tok.dtype, device=tok.device)
+        return out.index_add(tok.dim() - 1, self.rows, tok)
+
 
 def compact(batch: SequenceBatch) -> Compact:
     """Move each row's attended tokens to the left, in order, and list the scored positions."""

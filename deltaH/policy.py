@@ -33,6 +33,36 @@ from deltaH.errors import ArgumentError
 _MARGIN = 1e-5
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the log-prob and entropy math for logits of ``dtype``: float64 for float64
+    logits, float32 for everything else (float32, and bf16/fp16, which are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scaled_logits(logits: Tensor, temperature: float, keep: Tensor | None = None) -> Tensor:
+    """``z = logits / τ`` in the compute dtype, ``−inf`` outside the kept mask ``keep`` (if given).
+
+    ``softmax(z)`` is then the nucleus softmax with the kept set held fixed.
+    """
+    z = logits.to(compute_dtype(logits.dtype)) / temperature
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
+    return z
+
+
+def trainer_logprob(
+    logits: Tensor, targets: Tensor, temperature: float, keep: Tensor | None = None
+) -> Tensor:
+    """The trainer's token log-prob ``log softmax(logits / τ)[target]`` (temperature, no top-p).
+
+    ``logits [..., V]``, ``targets [...]``; the result has the shape of ``targets``, in the compute
+    dtype. With a kept mask ``keep [..., V]`` the softmax runs over the kept tokens only: the
+    sampling policy's ``log q`` with its nucleus held fixed.
+    """
+    z = scaled_logits(logits, temperature, keep)
+    return torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass(frozen=True)
 class SamplingPolicy:
     """Temperature ``τ`` and nucleus mass ``p`` of the sampler; ``p = 1`` means no truncation.
@@ -112,7 +142,7 @@ class SamplingPolicy:
         return self._stats(logits, targets, keyed=True)
 
     def _stats(self, logits: Tensor, targets: Tensor, keyed: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        cd = compute_dtype(logits.dtype)
         shape = targets.shape
         z = logits.reshape(-1, logits.shape[-1]).to(cd)
         if self.temperature != 1.0:

@@ -48,6 +48,19 @@ class SequenceStats:
     n_tokens: Tensor
     nucleus_key: Tensor | None = None
 
+    @staticmethod
+    def pick(entropy: Tensor, surprisal: Tensor, entropy_mode: str) -> Tensor:
+        """``e``, the per-sequence entropy the estimators average: the RB ``entropy`` for
+        ``entropy_mode="rb"``, the ``surprisal`` (``−logq``) for ``"naive"`` (module docstring).
+
+        Works for any values that follow the rule: statistics at θ', token sums, derivatives.
+        """
+        return entropy if entropy_mode == "rb" else surprisal
+
+    def e(self, entropy_mode: str) -> Tensor:
+        """:meth:`pick` of these statistics."""
+        return self.pick(self.entropy, self.surprisal, entropy_mode)
+
 
 def chunks_of(batch: SequenceBatch, tf_batch_size: int) -> list[Compact]:
     """The batch as compacted chunks of at most ``tf_batch_size`` sequences."""
@@ -74,27 +87,15 @@ def chunk_token_stats(
     c: Compact,
     policy: SamplingPolicy,
     head_chunk: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Token-level ``log q`` and entropy ``[K, P]`` of one compacted chunk.
+    keyed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token-level ``log q`` and entropy ``[K, P]`` of one compacted chunk, and with ``keyed`` the
+    nucleus key ``[K, P, 2]`` of every scored position (:meth:`SamplingPolicy.token_stats_keyed`;
+    ``None`` when ``p = 1`` or ``keyed`` is false).
 
     ``shifted`` is ``None`` (θ itself, K = 1) or a stacked tree ``[K, ...]`` of the parameters
     that differ from ``params``. Values are in the policy's compute dtype (float32/float64).
     """
-    lq, en, _ = chunk_token_stats_keyed(lm, params, shifted, c, policy, head_chunk, keyed=False)
-    return lq, en
-
-
-def chunk_token_stats_keyed(
-    lm: FunctionalLM,
-    params: Mapping[str, Tensor],
-    shifted: Mapping[str, Tensor] | None,
-    c: Compact,
-    policy: SamplingPolicy,
-    head_chunk: int | None = None,
-    keyed: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`chunk_token_stats` plus the nucleus key ``[K, P, 2]`` of every scored position
-    (:meth:`SamplingPolicy.token_stats_keyed`; ``None`` when ``p = 1`` or ``keyed`` is false)."""
     if shifted is None:
         hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
     elif next(iter(shifted.values())).shape[0] == 1:
@@ -138,12 +139,6 @@ def chunk_token_stats_keyed(
     return torch.cat(lq_parts, dim=1), torch.cat(en_parts, dim=1), keys
 
 
-def _per_sequence(tok: Tensor, c: Compact) -> Tensor:
-    """Sum token values ``[K, P]`` into sequences ``[K, n]`` (float64)."""
-    out = torch.zeros(tok.shape[0], c.n, dtype=torch.float64, device=tok.device)
-    return out.index_add(1, c.rows, tok.double())
-
-
 def stats_of_chunks(
     lm: FunctionalLM,
     params: Mapping[str, Tensor],
@@ -151,39 +146,25 @@ def stats_of_chunks(
     chunks: Sequence[Compact],
     policy: SamplingPolicy,
     head_chunk: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-sequence ``(logq, entropy)``, each ``[K, N]`` float64, over all chunks."""
-    lq_all, en_all = [], []
-    for c in chunks:
-        lq, en = chunk_token_stats(lm, params, shifted, c, policy, head_chunk)
-        lq_all.append(_per_sequence(lq, c))
-        en_all.append(_per_sequence(en, c))
-    return torch.cat(lq_all, dim=1), torch.cat(en_all, dim=1)
-
-
-def stats_of_chunks_keyed(
-    lm: FunctionalLM,
-    params: Mapping[str, Tensor],
-    shifted: Mapping[str, Tensor] | None,
-    chunks: Sequence[Compact],
-    policy: SamplingPolicy,
-    head_chunk: int | None = None,
+    keyed: bool = False,
     base_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`stats_of_chunks` plus nucleus keys: ``(logq, entropy, keys)``.
+    """Per-sequence ``(logq, entropy, keys)`` over all chunks; ``logq, entropy`` are ``[K, N]`` float64.
 
-    Without ``base_key``, ``keys`` is every scored position's nucleus key ``[K, P, 2]`` (positions
-    in batch order: sequence-major, whatever the chunking). With ``base_key [P, 2]`` (θ's keys),
-    ``keys`` is instead the number of positions whose nucleus differs from θ's, ``[K]`` int64
-    (no per-position tensor is kept). ``None`` when ``p = 1``.
+    ``keys`` is ``None`` unless ``keyed`` or ``base_key`` is given (and ``None`` when ``p = 1``).
+    With ``keyed``, it is every scored position's nucleus key ``[K, P, 2]`` (positions in batch
+    order: sequence-major, whatever the chunking). With ``base_key [P, 2]`` (θ's keys), it is
+    instead the number of positions whose nucleus differs from θ's, ``[K]`` int64 (no
+    per-position tensor is kept).
     """
+    keyed = keyed or base_key is not None
     lq_all, en_all, key_all = [], [], []
     changed: Tensor | None = None
     offset = 0
     for c in chunks:
-        lq, en, key = chunk_token_stats_keyed(lm, params, shifted, c, policy, head_chunk)
-        lq_all.append(_per_sequence(lq, c))
-        en_all.append(_per_sequence(en, c))
+        lq, en, key = chunk_token_stats(lm, params, shifted, c, policy, head_chunk, keyed)
+        lq_all.append(c.per_sequence(lq))
+        en_all.append(c.per_sequence(en))
         if key is not None and base_key is not None:
             ref = base_key[offset : offset + key.shape[1]].to(key.device)
             diff = (key != ref.unsqueeze(0)).any(-1).sum(-1)  # [K]
@@ -203,14 +184,19 @@ def sequence_stats(
     policy: SamplingPolicy,
     tf_batch_size: int = 16,
     head_chunk: int | None = None,
+    nucleus_keys: bool = False,
 ) -> SequenceStats:
     """Per-sequence ``log q``, RB entropy, surprisal and token counts at ``params`` (``[N]`` each).
+
+    With ``nucleus_keys`` (top-p only) the result also carries every scored position's nucleus key.
 
     >>> st = sequence_stats(lm, lm.params, batch, policy=SamplingPolicy(0.7, 0.9))  # doctest: +SKIP
     """
     lm.check_names(params)
-    lq, en = stats_of_chunks(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
-    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens)
+    chunks = chunks_of(batch, tf_batch_size)
+    lq, en, key = stats_of_chunks(lm, params, None, chunks, policy, head_chunk, keyed=nucleus_keys)
+    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens,
+                         nucleus_key=None if key is None else key[0])
 
 
 @dataclass(frozen=True)

@@ -348,3 +348,39 @@ def test_import_deltaH_config_does_not_import_torch() -> None:
     code = _BLOCK_HEAVY + "import deltaH.config\ndeltaH.config.load_config(None)\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# One list of choices for the config and the core (deltaH._choices)
+
+
+def test_config_accepts_exactly_the_core_choices() -> None:
+    from deltaH import _choices
+
+    keys = {
+        "loss.type": _choices.LOSS_TYPES,
+        "update_batch.scale_rewards": _choices.SCALE_REWARDS,
+        "analyses.entropy_mode": _choices.ENTROPY_MODES,
+        "analyses.kernel_method": _choices.KERNEL_METHODS,
+        "output.detail": _choices.DETAIL_LEVELS,
+        "checkpoint.dtype": _choices.DTYPES,
+    }
+    for key, allowed in keys.items():
+        section, name = key.split(".")
+        for v in allowed:
+            assert getattr(getattr(load_config(None, [f"{key}={v}"]), section), name) == v
+        with pytest.raises(ConfigError, match=re.escape("expected one of: " + ", ".join(allowed))):
+            load_config(None, [f"{key}=nope"])
+
+
+def test_choice_tuples_match_what_the_core_implements() -> None:
+    import torch
+
+    from deltaH import _choices
+    from deltaH.sampling.rewards import BUILTIN_REWARDS
+
+    assert tuple(BUILTIN_REWARDS) == _choices.BUILTIN_REWARDS
+    assert all(isinstance(getattr(torch, d), torch.dtype) for d in _choices.DTYPES if d != "auto")
+    want = r"loss_type must be one of \('grpo', 'dr_grpo', 'dapo', 'bnpo'\), got 'x'"
+    with pytest.raises(ValueError, match=want):
+        _choices.check_choice("loss_type", "x", _choices.LOSS_TYPES)

@@ -20,11 +20,11 @@ import torch.multiprocessing as mp
 from conftest import ATOL, RTOL, build_batch, sample_responses, tiny_qwen2
 
 import deltaH as dh
+from deltaH._choices import ENTROPY_MODES as MODES
 from deltaH.estimators.true import base_stats
 
 SPLIT = ((0, 14), (14, 26))
 ETAS = [0.0, 0.05, 0.3]
-MODES = ("rb", "naive")
 POLICY = dict(temperature=0.9, top_p=0.9, topk_prefix=4)
 
 

@@ -28,10 +28,10 @@ from conftest import tiny_qwen2, with_lora
 from hypothesis import given
 from hypothesis import strategies as st
 
+from deltaH._choices import LOSS_TYPES
 from deltaH.updates import advantages, loss_coefficients
 
 EXACT64 = dict(rtol=1e-12, atol=1e-13)
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
 # ------------------------------------------------------------------------------------- references

@@ -435,3 +435,35 @@ def test_nucleus_key_changes_exactly_where_hf_kept_set_changes(prefix: int) -> N
         other = SamplingPolicy(tau, p, topk_prefix=3 * prefix)
         assert torch.equal(k0, other.token_stats_keyed(logits, targets)[2])
     assert SamplingPolicy(1.0, 1.0).token_stats_keyed(logits, targets)[2] is None
+
+
+# The trainer's log π and the compute dtype: one rule (deltaH.policy) used by the losses, the
+# per-sequence gradients, the covariance proxy and the sampler.
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_trainer_logprob_is_the_temperature_log_softmax(dtype: torch.dtype) -> None:
+    from deltaH.policy import compute_dtype, trainer_logprob
+
+    g = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(4, 3, 13, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, 13, (4, 3), generator=g)
+    keep = torch.rand(4, 3, 13, generator=g) < 0.6
+    keep.scatter_(-1, y.unsqueeze(-1), True)  # every target kept
+    tau = 0.7
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    assert compute_dtype(dtype) == cd
+    plain, masked = trainer_logprob(logits, y, tau), trainer_logprob(logits, y, tau, keep)
+    assert plain.shape == y.shape and plain.dtype == cd and masked.dtype == cd
+    # Reference: float64 Python sums over the (kept) vocabulary of the same (upcast) logits.
+    z = logits.double() / tau
+    cells = torch.cartesian_prod(torch.arange(4), torch.arange(3)).tolist()
+    for (i, j), t in zip(cells, y.flatten().tolist(), strict=True):
+        row = z[i, j].tolist()
+        lse = math.log(sum(math.exp(v) for v in row))
+        lse_s = math.log(sum(math.exp(v) for v, k in zip(row, keep[i, j].tolist(), strict=True) if k))
+        # float64: rounding only (|log π| < 30); float32: the log-softmax's own float32 rounding,
+        # a few ulp of the largest |z| (~12 here).
+        tol = 1e-12 if cd == torch.float64 else 1e-5
+        assert abs(float(plain[i, j]) - (row[t] - lse)) < tol
+        assert abs(float(masked[i, j]) - (row[t] - lse_s)) < tol

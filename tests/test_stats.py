@@ -377,3 +377,33 @@ def test_chunk_size_errors(qwen2) -> None:
         dh.sequence_stats(lm, lm.params, _batch(), policy=dh.SamplingPolicy(), tf_batch_size=0)
     with pytest.raises(ValueError, match="head_chunk must be >= 1"):
         dh.sequence_stats(lm, lm.params, _batch(), policy=dh.SamplingPolicy(), head_chunk=0)
+
+
+def test_compact_per_sequence_sums_each_rows_scored_tokens() -> None:
+    """Compact.per_sequence is the token → sequence scatter every estimator uses: compare it with
+    a loop over the scored positions (integer-valued floats, so every sum is exact)."""
+    from deltaH.batch import compact
+
+    c = compact(_batch())
+    p = int(c.rows.numel())
+    tok = torch.arange(2 * p, dtype=torch.float32).reshape(2, p) - p
+    want = torch.zeros(2, c.n, dtype=torch.float64)
+    for k in range(2):
+        for j, r in enumerate(c.rows.tolist()):
+            want[k, r] += float(tok[k, j])
+    got = c.per_sequence(tok)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    kept = c.per_sequence(tok[0], dtype=None)
+    assert kept.dtype == torch.float32 and torch.equal(kept.double(), want[0])
+    leaf = tok[0].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(c.per_sequence(leaf).sum(), leaf)
+    assert torch.equal(grad, torch.ones_like(leaf))
+
+
+def test_sequence_stats_pick_is_the_entropy_mode_rule() -> None:
+    st = dh.SequenceStats(logq=torch.tensor([-2.0]), entropy=torch.tensor([1.5]),
+                          surprisal=torch.tensor([2.0]), n_tokens=torch.tensor([3]))
+    assert st.e("rb") is st.entropy and st.e("naive") is st.surprisal
+    a, b = torch.tensor([0.25]), torch.tensor([-0.5])
+    assert dh.SequenceStats.pick(b, -a, "rb") is b
+    assert torch.equal(dh.SequenceStats.pick(b, -a, "naive"), -a)

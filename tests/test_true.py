@@ -592,8 +592,8 @@ def test_snis_expectation_form_is_exact(which: str, eta: float, pol: tuple, enum
     v = _dir(e.lm, 31)
     stacked = {n: torch.stack([eta * t, -eta * t]) for n, t in v.items()}  # θ ± ηv in one vmap call
     chunks = chunks_of(e.batch, 256)
-    lq1, en1 = stats_of_chunks(e.lm, e.lm.params, {n: e.lm.params[n] + d for n, d in stacked.items()}, chunks,
-                               policy)
+    shifted = {n: e.lm.params[n] + d for n, d in stacked.items()}
+    lq1, en1, _ = stats_of_chunks(e.lm, e.lm.params, shifted, chunks, policy)
     st0 = dh.sequence_stats(e.lm, e.lm.params, e.batch, policy=policy)
     q0 = st0.logq.exp()
     for k, sign in enumerate((1.0, -1.0)):

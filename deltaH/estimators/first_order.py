@@ -30,14 +30,13 @@ import torch
 from torch import Tensor
 
 from deltaH import _dist, _trees
+from deltaH._choices import FIRST_ORDER_MODES as MODES
+from deltaH._choices import check_choice
 from deltaH.batch import Compact, SequenceBatch
-from deltaH.errors import ArgumentError
-from deltaH.estimators.true import _as_etas, base_stats, check_options, validate_dirs
+from deltaH.estimators._common import as_etas, base_stats, check_options, validate_dirs
 from deltaH.functional import FunctionalLM
-from deltaH.policy import SamplingPolicy
+from deltaH.policy import SamplingPolicy, scaled_logits
 from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows
-
-MODES = ("forward", "reverse")
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,9 @@ def _token_derivs(
 
     ``logits [P, V]`` at θ, ``ldot [K, P, V]`` their derivatives along K directions.
     """
-    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
     keep = policy.nucleus_mask(logits)
-    z = logits.to(cd) / policy.temperature
-    zd = ldot.to(cd) / policy.temperature
-    if keep is not None:
-        z = z.masked_fill(~keep, float("-inf"))
+    z = scaled_logits(logits, policy.temperature, keep)
+    zd = ldot.to(z.dtype) / policy.temperature
     q = torch.softmax(z, dim=-1)  # 0 outside S
     zs = z.masked_fill(q == 0, 0.0) if keep is not None else z
     mean_zd = (q * zd).sum(-1)  # [K, P]
@@ -124,38 +120,66 @@ def _forward_chunk(
         a_parts.append(a)
         b_parts.append(b)
     a_tok, b_tok = torch.cat(a_parts, 1), torch.cat(b_parts, 1)
-    zeros = torch.zeros(k, c.n, dtype=torch.float64, device=a_tok.device)
-    return zeros.index_add(1, c.rows, a_tok.double()), zeros.index_add(1, c.rows, b_tok.double())
+    return c.per_sequence(a_tok), c.per_sequence(b_tok)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every step of :func:`delta_h_first_order` shares: the model at θ, E in chunks, and the
+    θ-side ``e [N]`` (float64), ``H_orig`` and the global ``N``."""
+
+    lm: FunctionalLM
+    params: Mapping[str, Tensor]
+    chunks: Sequence[Compact]
+    policy: SamplingPolicy
+    head_chunk: int | None
+    entropy_mode: str
+    base: SequenceStats
+    e: Tensor
+    h_orig: Tensor
+    n_total: Tensor
+    on_progress: Callable[[int, int], None] | None = None
+
+    def progress(self, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
+
+def _forward(su: _Setup, dirs: Mapping[str, Tensor], dir_chunk: int) -> tuple[Tensor, Tensor]:
+    """Per-sequence ``a, b [K, N]`` by forward mode, ``dir_chunk`` directions per ``vmap``."""
+    a_all, b_all = [], []
+    k_total = _trees.n_stacked(dirs)
+    n_units, done = -(-k_total // dir_chunk) * len(su.chunks), 0
+    with torch.no_grad():
+        for s in range(0, k_total, dir_chunk):
+            tang = _trees.index(dirs, slice(s, s + dir_chunk))
+            parts = []
+            for c in su.chunks:
+                parts.append(_forward_chunk(su.lm, su.params, tang, c, su.policy, su.head_chunk))
+                done += 1
+                su.progress(done, n_units)
+            a_all.append(torch.cat([p[0] for p in parts], 1))
+            b_all.append(torch.cat([p[1] for p in parts], 1))
+    a, b = torch.cat(a_all, 0), torch.cat(b_all, 0)
+    return a, SequenceStats.pick(b, -a, su.entropy_mode)  # naive: e = −logq, so b = −a
 
 
 def _reverse(
-    lm: FunctionalLM,
-    params: Mapping[str, Tensor],
-    names: Sequence[str],
-    chunks: Sequence[Compact],
-    base: SequenceStats,
-    h_orig: Tensor,
-    n_total: Tensor,
-    policy: SamplingPolicy,
-    entropy_mode: str,
-    head_chunk: int | None,
-    per_sequence: bool,
-    on_progress: Callable[[int, int], None] | None = None,
+    su: _Setup, names: Sequence[str], per_sequence: bool
 ) -> tuple[dict[str, Tensor], list[dict[str, dict[str, Tensor]]] | None]:
     """``X = ∇F`` over ``names``, and optionally per-sequence gradients of ``(logq_n, e_n)``."""
-    e_all = base.entropy if entropy_mode == "rb" else base.surprisal
+    params, e_all = su.params, su.base.e(su.entropy_mode)
     grad = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
     per_seq: list[dict[str, dict[str, Tensor]]] | None = [] if per_sequence else None
     start = 0
-    for j, c in enumerate(chunks):
+    for j, c in enumerate(su.chunks):
         p = {n: (params[n].detach().clone().requires_grad_(True) if n in grad else params[n]) for n in params}
         with torch.enable_grad():
-            lq_tok, en_tok = chunk_token_stats(lm, p, None, c, policy, head_chunk)
-            zeros = torch.zeros(c.n, dtype=lq_tok.dtype, device=lq_tok.device)
-            lq = zeros.index_add(0, c.rows, lq_tok[0])
-            e = zeros.index_add(0, c.rows, en_tok[0]) if entropy_mode == "rb" else -lq
-            coef = (e_all[start : start + c.n] - h_orig).to(lq.dtype)
-            f = (e + lq * coef).sum() / n_total.to(lq.dtype)
+            lq_tok, en_tok, _ = chunk_token_stats(su.lm, p, None, c, su.policy, su.head_chunk)
+            lq = c.per_sequence(lq_tok[0], dtype=None)
+            e = SequenceStats.pick(c.per_sequence(en_tok[0], dtype=None), -lq, su.entropy_mode)
+            coef = (e_all[start : start + c.n] - su.h_orig).to(lq.dtype)
+            f = (e + lq * coef).sum() / su.n_total.to(lq.dtype)
             leaves = [p[n] for n in names]
             gs = torch.autograd.grad(f, leaves, retain_graph=per_sequence)
             for n, g in zip(names, gs, strict=True):
@@ -170,9 +194,22 @@ def _reverse(
                     {"logq": dict(zip(names, g_lq, strict=True)), "e": dict(zip(names, g_e, strict=True))}
                 )
         start += c.n
-        if on_progress is not None:
-            on_progress(j + 1, len(chunks))
+        su.progress(j + 1, len(su.chunks))
     return {n: _dist.all_sum(g) for n, g in grad.items()}, per_seq
+
+
+def _reverse_slope(
+    su: _Setup, dirs: Mapping[str, Tensor], per_sequence: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``slope [K]`` as ``X · v_k``; per-sequence ``c'`` and the jackknife SE only with ``per_sequence``."""
+    x, seq_grads = _reverse(su, list(dirs), per_sequence)
+    slope = _trees.stacked_dot(dirs, x).to(su.e.device)
+    if seq_grads is None:
+        return slope, None, None
+    a = torch.cat([_stacked_jdot(dirs, g["logq"]) for g in seq_grads], 1)
+    b = torch.cat([_stacked_jdot(dirs, g["e"]) for g in seq_grads], 1)
+    _, per_seq, stderr = _combine(a, b, su.e, su.n_total)
+    return slope, per_seq, stderr
 
 
 def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -221,73 +258,47 @@ def delta_h_first_order(
     each unit of work: a (direction chunk, sequence chunk) pair in forward mode, a sequence chunk
     in reverse mode (the second-order term is not counted). It does not change the result.
     """
-    if mode not in MODES:
-        raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     check_options(entropy_mode, dir_chunk)
-    etas, scalar = _as_etas(eta)
+    etas, scalar = as_etas(eta)
     lm.check_names(params)
     dirs = validate_dirs(lm, params, dirs)
-    k_total = _trees.n_stacked(dirs)
     want_per_seq = (mode == "forward") if per_sequence is None else bool(per_sequence)
-    chunks = chunks_of(batch, tf_batch_size)
     with torch.no_grad():
         if base is None:
             base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
-    e = (base.entropy if entropy_mode == "rb" else base.surprisal).double()
-    n_total = _dist.all_sum(torch.tensor(float(e.shape[0]), dtype=torch.float64, device=e.device))
-    h_orig = _dist.all_sum(e.sum()) / n_total
-
-    per_seq: Tensor | None = None
-    stderr: Tensor | None = None
+    e = base.e(entropy_mode).double()
+    n_total = _dist.count(e.shape[0], e.device)
+    su = _Setup(lm, params, chunks_of(batch, tf_batch_size), policy, head_chunk, entropy_mode, base,
+                e, _dist.all_sum(e.sum()) / n_total, n_total, on_progress)
+    per_seq: Tensor | None
+    stderr: Tensor | None
     if mode == "forward":
-        a_all, b_all = [], []
-        n_units, done = -(-k_total // dir_chunk) * len(chunks), 0
-        with torch.no_grad():
-            for s in range(0, k_total, dir_chunk):
-                tang = _trees.index(dirs, slice(s, s + dir_chunk))
-                parts = []
-                for c in chunks:
-                    parts.append(_forward_chunk(lm, params, tang, c, policy, head_chunk))
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, n_units)
-                a_all.append(torch.cat([p[0] for p in parts], 1))
-                b_all.append(torch.cat([p[1] for p in parts], 1))
-        a, b = torch.cat(a_all, 0), torch.cat(b_all, 0)
-        if entropy_mode == "naive":
-            b = -a
-        slope, ps, se = _combine(a, b, e, n_total)
-        if want_per_seq:
-            per_seq, stderr = ps, se
+        slope, per_seq, stderr = _combine(*_forward(su, dirs, dir_chunk), e, n_total)
+        if not want_per_seq:
+            per_seq, stderr = None, None
     else:
-        x, seq_grads = _reverse(
-            lm,
-            params,
-            list(dirs),
-            chunks,
-            base,
-            h_orig,
-            n_total,
-            policy,
-            entropy_mode,
-            head_chunk,
-            want_per_seq,
-            on_progress,
-        )
-        slope = _trees.stacked_dot(dirs, x).to(e.device)
-        if seq_grads is not None:
-            a = torch.cat([_stacked_jdot(dirs, g["logq"]) for g in seq_grads], 1)
-            b = torch.cat([_stacked_jdot(dirs, g["e"]) for g in seq_grads], 1)
-            _, per_seq, stderr = _combine(a, b, e, n_total)
+        slope, per_seq, stderr = _reverse_slope(su, dirs, want_per_seq)
+    curv = _curvature(su, dirs) if second_order else None
+    return _at_etas(etas, scalar, slope, per_seq, stderr, curv, su.h_orig)
 
+
+def _at_etas(
+    etas: list[float],
+    scalar: bool,
+    slope: Tensor,
+    per_seq: Tensor | None,
+    stderr: Tensor | None,
+    curv: Tensor | None,
+    h_orig: Tensor,
+) -> FirstOrder:
+    """Scale the η-free ``slope``, ``c'``, SE and curvature to every η (``[n_eta, ...]``, or no η
+    axis for a scalar η)."""
     eta_t = torch.tensor(etas, dtype=torch.float64, device=slope.device)
-    so = None
-    if second_order:
-        curv = _curvature(lm, params, dirs, chunks, policy, e, h_orig, n_total, entropy_mode, head_chunk)
-        so = 0.5 * eta_t.unsqueeze(1) ** 2 * curv.unsqueeze(0)
     dh = eta_t.unsqueeze(1) * slope.unsqueeze(0)
     ps_out = None if per_seq is None else eta_t.view(-1, 1, 1) * per_seq.unsqueeze(0)
     se_out = None if stderr is None else eta_t.abs().unsqueeze(1) * stderr.unsqueeze(0)
+    so = None if curv is None else 0.5 * eta_t.unsqueeze(1) ** 2 * curv.unsqueeze(0)
     if scalar:
         dh = dh[0]
         ps_out = None if ps_out is None else ps_out[0]
@@ -315,18 +326,7 @@ def _stacked_jdot(dirs: Mapping[str, Tensor], per_seq: Mapping[str, Tensor]) -> 
     return out
 
 
-def _curvature(
-    lm: FunctionalLM,
-    params: Mapping[str, Tensor],
-    dirs: Mapping[str, Tensor],
-    chunks: Sequence[Compact],
-    policy: SamplingPolicy,
-    e: Tensor,
-    h_orig: Tensor,
-    n_total: Tensor,
-    entropy_mode: str,
-    head_chunk: int | None,
-) -> Tensor:
+def _curvature(su: _Setup, dirs: Mapping[str, Tensor]) -> Tensor:
     """``d²ΔH/dη² [K]`` at 0 by nested ``jvp`` in η, one direction at a time (nucleus held fixed).
 
     With ``a, a2`` the first and second η-derivatives of ``logq_n`` and ``b, b2`` those of
@@ -335,22 +335,21 @@ def _curvature(
     derivative (in η) of a forward-mode derivative: ``grad(jvp)`` (nested ``jvp`` fails on ops
     such as SiLU that have no second forward derivative).
     """
+    params, e, n_total = su.params, su.e, su.n_total
     out = []
     for k in range(_trees.n_stacked(dirs)):
         v = {n: d[k] for n, d in dirs.items()}
         a_l, b_l, s2 = [], [], torch.zeros((), dtype=torch.float64, device=e.device)
         start = 0
-        for c in chunks:
-            coef = (e[start : start + c.n] - h_orig).double()
+        for c in su.chunks:
+            coef = (e[start : start + c.n] - su.h_orig).double()
             start += c.n
 
             def stats_at(eta: Tensor, c: Compact = c, v: Mapping[str, Tensor] = v) -> tuple[Tensor, Tensor]:
                 p = {**params, **{n: params[n] + eta * t for n, t in v.items()}}
-                lq_t, en_t = chunk_token_stats(lm, p, None, c, policy, head_chunk)
-                z = torch.zeros(c.n, dtype=torch.float64, device=lq_t.device)
-                lq = z.index_add(0, c.rows, lq_t[0].double())
-                en = z.index_add(0, c.rows, en_t[0].double()) if entropy_mode == "rb" else -lq
-                return lq, en
+                lq_t, en_t, _ = chunk_token_stats(su.lm, p, None, c, su.policy, su.head_chunk)
+                lq = c.per_sequence(lq_t[0])
+                return lq, SequenceStats.pick(c.per_sequence(en_t[0]), -lq, su.entropy_mode)
 
             def g(
                 eta: Tensor, stats_at=stats_at, coef: Tensor = coef

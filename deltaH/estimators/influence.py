@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deltaH._choices import INFLUENCE_KINDS as KINDS
+from deltaH._choices import check_choice
 from deltaH.batch import SequenceBatch, compact
-from deltaH.errors import ArgumentError, BatchError
+from deltaH.errors import BatchError
 from deltaH.estimators.first_order import delta_h_first_order
 from deltaH.estimators.true import delta_h_true_multi
 from deltaH.functional import FunctionalLM
-from deltaH.policy import SamplingPolicy
-
-KINDS = ("true", "first_order")
+from deltaH.policy import SamplingPolicy, trainer_logprob
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ def influence_matrix(
     ``kwargs`` go to :func:`delta_h_true_multi` or :func:`delta_h_first_order` (``dir_chunk``,
     ``tf_batch_size``, ``base``, ``on_progress`` for a progress bar, ...).
     """
-    if kind not in KINDS:
-        raise ArgumentError(f"kind must be one of {KINDS}, got {kind!r}")
+    check_choice("kind", kind, KINDS)
     if kind == "true":
         res = delta_h_true_multi(params, components, batch, lm=lm, policy=policy, eta=float(eta), **kwargs)
         return Influence(res.per_sequence.T.contiguous(), res.delta_h, float(eta), kind)
@@ -96,11 +95,7 @@ def covariance_proxy(
     with torch.no_grad():
         c = compact(batch)
         h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
-        logits = lm.head(params, h)
-        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lp = (
-            torch.log_softmax(logits.to(cd) / temperature, -1).gather(-1, c.targets.unsqueeze(-1)).squeeze(-1)
-        )
+        lp = trainer_logprob(lm.head(params, h), c.targets, temperature)
     lp = lp.double()
     a = adv.double().to(lp.device)[c.rows]
     cov = float(((lp - lp.mean()) * (a - a.mean())).mean())

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH._choices import KERNEL_METHODS as METHODS
+from deltaH._choices import check_choice
 from deltaH.batch import SequenceBatch
 from deltaH.errors import ArgumentError, BatchError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
 from deltaH.updates.grads import sequence_logprob_grads
-
-METHODS = ("exact", "projection")
 
 
 def _blocks(params: Mapping[str, Tensor], names: Sequence[str], block_size: int) -> list[list[str]]:
@@ -73,8 +73,7 @@ def fisher_kernel(
 
     ``temperature`` of the update side defaults to the policy's.
     """
-    if method not in METHODS:
-        raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     names = [n for n in params if n in precond]
     if not names:
         raise ArgumentError("precond has no entry for any trainable parameter: pass UpdateDirections.precond")

@@ -29,7 +29,6 @@ gives ΔH = 0 and ESS = N exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -37,15 +36,15 @@ import torch
 from torch import Tensor
 
 from deltaH import _dist, _trees
+from deltaH._choices import ENTROPY_MODES as ENTROPY_MODES
 from deltaH._warn import warn
 from deltaH.batch import SequenceBatch
-from deltaH.errors import ArgumentError, BatchError
+from deltaH.estimators._common import as_etas, check_options, validate_dirs
+from deltaH.estimators._common import base_stats as base_stats
 from deltaH.estimators._psis import khat_threshold, psis_khat, tail_size
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
-from deltaH.stats import SequenceStats, chunks_of, stats_of_chunks, stats_of_chunks_keyed
-
-ENTROPY_MODES = ("rb", "naive")
+from deltaH.stats import SequenceStats, chunks_of, stats_of_chunks
 
 
 @dataclass(frozen=True)
@@ -81,11 +80,11 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
     Returns a dict of the per-direction fields of :class:`TrueDeltaH` (without η/θ-only fields).
     """
     lq0 = base.logq.double()
-    e0 = (base.entropy if entropy_mode == "rb" else base.surprisal).double()
+    e0 = base.e(entropy_mode).double()
     ntok = base.n_tokens.double()
     lq1 = logq1.double()
-    e1 = (ent1 if entropy_mode == "rb" else -lq1).double()
-    n_total = _dist.all_sum(torch.tensor(float(lq0.shape[0]), dtype=torch.float64, device=lq0.device))
+    e1 = SequenceStats.pick(ent1, -lq1, entropy_mode).double()
+    n_total = _dist.count(lq0.shape[0], lq0.device)
     sum_e0 = _dist.all_sum(e0.sum())
     sum_tok = _dist.all_sum(ntok.sum())
     h_orig = sum_e0 / n_total
@@ -137,65 +136,6 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
     return out
 
 
-def _as_etas(eta: float | Sequence[float] | Tensor) -> tuple[list[float], bool]:
-    if isinstance(eta, Tensor):
-        eta = eta.tolist()
-    if isinstance(eta, int | float):
-        etas, scalar = [float(eta)], True
-    else:
-        etas, scalar = [float(e) for e in eta], False
-        if not etas:
-            raise ArgumentError("eta is an empty sequence: pass a float or a non-empty list of floats")
-    for e in etas:
-        if not math.isfinite(e):
-            raise ArgumentError(f"eta must be finite, got {e!r}")
-    return etas, scalar
-
-
-def check_options(entropy_mode: str, dir_chunk: int) -> None:
-    """Validate the options shared by the ΔH estimators."""
-    if entropy_mode not in ENTROPY_MODES:
-        raise ArgumentError(f"entropy_mode must be one of {ENTROPY_MODES}, got {entropy_mode!r}")
-    if int(dir_chunk) < 1:
-        raise ArgumentError(f"dir_chunk must be >= 1, got {dir_chunk!r}")
-
-
-def validate_dirs(
-    lm: FunctionalLM, params: Mapping[str, Tensor], dirs: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """Check a stacked direction tree against the parameters and cast it to their dtype/device."""
-    if not dirs:
-        raise BatchError("dirs is empty: pass a dict of stacked tensors [K, *param_shape]")
-    lm.check_names(dirs, what="dirs", stacked=True)
-    _trees.n_stacked(dirs)
-    return {n: d.to(dtype=params[n].dtype, device=params[n].device) for n, d in dirs.items()}
-
-
-def base_stats(
-    lm: FunctionalLM,
-    params: Mapping[str, Tensor],
-    batch: SequenceBatch,
-    policy: SamplingPolicy,
-    tf_batch_size: int = 16,
-    head_chunk: int | None = None,
-) -> SequenceStats:
-    """θ-side statistics, checked: every sequence must have finite ``log q`` under θ.
-
-    Under top-p they include every scored position's nucleus key (``nucleus_key``), so that
-    :func:`delta_h_true_multi` can count the positions whose nucleus a step moves.
-    """
-    lq, en, key = stats_of_chunks_keyed(lm, params, None, chunks_of(batch, tf_batch_size), policy, head_chunk)
-    bad = ~torch.isfinite(lq[0])
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()[:5].tolist()
-        raise BatchError(
-            f"evaluation sequences {rows} have log q = -inf under θ: they contain tokens outside the "
-            f"nucleus of {policy}, so they were not sampled from this policy (check temperature/top_p)"
-        )
-    return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens,
-                         nucleus_key=None if key is None else key[0])
-
-
 def delta_h_true_multi(
     params: Mapping[str, Tensor],
     dirs: Mapping[str, Tensor],
@@ -221,7 +161,7 @@ def delta_h_true_multi(
     ``K · n_eta`` (for a progress bar at the edge; it does not change the result).
     """
     check_options(entropy_mode, dir_chunk)
-    etas, scalar = _as_etas(eta)
+    etas, scalar = as_etas(eta)
     with torch.no_grad():
         return _delta_h_true_multi(
             params,
@@ -264,7 +204,7 @@ def _delta_h_true_multi(
     zero = _trees.is_zero(dirs)
     dev = base.logq.device
     topp = policy.top_p < 1.0
-    n_pos = _dist.all_sum(torch.tensor(float(base.n_tokens.sum()), dtype=torch.float64, device=dev))
+    n_pos = _dist.count(base.n_tokens.sum(), dev)
     # Without θ's keys (a hand-made ``base``) the moved fraction is unknown under top-p: NaN.
     unknown = topp and base.nucleus_key is None
     results = []
@@ -277,13 +217,10 @@ def _delta_h_true_multi(
             idx = idx[~zero[idx]] if e != 0.0 else idx[:0]  # θ' = θ exactly: keep the θ-side values
             if idx.numel() > 0:
                 shifted = {n: params[n] + e * d[idx.to(d.device)] for n, d in dirs.items()}
-                if base.nucleus_key is None:  # p = 1 (or no θ keys): nothing to compare
-                    lq, en = stats_of_chunks(lm, params, shifted, chunks, policy, head_chunk)
-                    n_moved = None
-                else:
-                    lq, en, n_moved = stats_of_chunks_keyed(
-                        lm, params, shifted, chunks, policy, head_chunk, base_key=base.nucleus_key
-                    )
+                # n_moved is None when there are no θ keys to compare with (p = 1, or a hand-made base)
+                lq, en, n_moved = stats_of_chunks(
+                    lm, params, shifted, chunks, policy, head_chunk, base_key=base.nucleus_key
+                )
                 lq1[idx.to(lq1.device)] = lq
                 en1[idx.to(en1.device)] = en
                 if n_moved is not None:
@@ -301,9 +238,7 @@ def _delta_h_true_multi(
 def _assemble(
     results: list[dict[str, Tensor]], etas: list[float], scalar: bool, base: SequenceStats
 ) -> TrueDeltaH:
-    n_total = int(
-        _dist.all_sum(torch.tensor(float(base.logq.shape[0]), dtype=torch.float64, device=base.logq.device))
-    )
+    n_total = int(_dist.count(base.logq.shape[0], base.logq.device))
     per_dir = [
         f.name
         for f in fields(TrueDeltaH)

@@ -61,12 +61,14 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from deltaH._choices import ENTROPY_MODES, FIRST_ORDER_MODES, check_choice
 from deltaH._warn import warn
 from deltaH.batch import SequenceBatch
 from deltaH.errors import ArgumentError, BatchError
-from deltaH.estimators.first_order import MODES, delta_h_first_order
+from deltaH.estimators._common import base_stats
+from deltaH.estimators.first_order import delta_h_first_order
 from deltaH.estimators.influence import covariance_proxy
-from deltaH.estimators.true import ENTROPY_MODES, base_stats, delta_h_true
+from deltaH.estimators.true import delta_h_true
 from deltaH.functional import FunctionalLM
 from deltaH.integrations._probe import (
     PendingCheck,
@@ -150,11 +152,8 @@ class DeltaHCallback(TrainerCallback):
                 continue
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ArgumentError(f"DeltaHCallback: {name} must be an int >= 1, got {val!r}")
-        if mode not in MODES:
-            raise ArgumentError(f"DeltaHCallback: mode must be one of {MODES}, got {mode!r}")
-        if entropy_mode not in ENTROPY_MODES:
-            raise ArgumentError(f"DeltaHCallback: entropy_mode must be one of {ENTROPY_MODES}, "
-                                f"got {entropy_mode!r}")
+        check_choice("DeltaHCallback: mode", mode, FIRST_ORDER_MODES)
+        check_choice("DeltaHCallback: entropy_mode", entropy_mode, ENTROPY_MODES)
         if policy is not None and not isinstance(policy, SamplingPolicy):
             raise TypeError(f"policy must be a deltaH.SamplingPolicy, got {type(policy).__name__}")
         if probe_dtype not in (None, torch.float32):

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-DECOMPOSITIONS = ("full", "baseline", "grad", "baseline+grad")
+from deltaH._choices import DECOMPOSITIONS as DECOMPOSITIONS
+
 DECOMPOSITION_LABELS = {
     "full": "full update",
     "baseline": "baseline (momentum + weight decay)",

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from deltaH._choices import SCALE_REWARDS as SCALE_REWARDS
+from deltaH._choices import ScaleRewards as ScaleRewards
+from deltaH._choices import check_choice
 from deltaH.batch import SequenceBatch
 from deltaH.errors import ArgumentError, CheckpointError, DataError
 from deltaH.functional import FunctionalLM
@@ -47,13 +50,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ScaleRewards = Literal["group", "batch", "none"]
-SCALE_REWARDS = ("group", "batch", "none")
-
 
 @dataclass(frozen=True)
-class EvalBatch:
-    """``E``: ``N`` sequences with their provenance (per-row fields are ``[N]``).
+class _Drawn:
+    """What ``E`` and ``U`` share: ``N`` sequences drawn from ``q`` with their provenance (per-row
+    fields are ``[N]``).
 
     ``prompt_index`` indexes the ``records`` the batch was built from; ``group`` numbers the
     prompt draws (a prompt drawn twice forms two groups).
@@ -75,38 +76,36 @@ class EvalBatch:
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-ready provenance dict per row."""
-        return _rows(self)
+        n_tok = self.batch.n_tokens.tolist()
+        return [
+            dict(row=i, group=int(self.group[i]), prompt_index=int(self.prompt_index[i]),
+                 record_id=self.record_ids[i], prompt=self.prompts[i], response=self.responses[i],
+                 n_tokens=n_tok[i], seed=self.seed)
+            for i in range(len(self.batch))
+        ]
 
 
 @dataclass(frozen=True)
-class UpdateBatch:
+class EvalBatch(_Drawn):
+    """``E``: ``N`` sequences with their provenance (the fields of every drawn batch, no rewards)."""
+
+
+@dataclass(frozen=True)
+class UpdateBatch(_Drawn):
     """``U``: ``N = B_U · G`` sequences, their rewards and advantages (float32 ``[N]``) and provenance.
 
     ``resampled [B_U]`` counts how many times each group's responses were drawn again because all
     its rewards were equal.
     """
 
-    batch: SequenceBatch
-    prompt_index: Tensor
-    group: Tensor
-    record_ids: list[str]
-    prompts: list[str]
-    responses: list[str]
     rewards: Tensor
     advantages: Tensor
     resampled: Tensor
     scale_rewards: str
-    group_size: int
-    seed: int
-    policy: SamplingPolicy
-    max_new_tokens: int
-
-    def __len__(self) -> int:
-        return len(self.batch)
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-ready provenance dict per row (with ``reward`` and ``advantage``)."""
-        out = _rows(self)
+        out = super().rows()
         for d, r, a in zip(out, self.rewards.tolist(), self.advantages.tolist(), strict=True):
             d.update(reward=r, advantage=a)
         return out
@@ -197,57 +196,27 @@ def build_update_batch(
     degenerate a ``DataError`` says how many. Returns an :class:`UpdateBatch` of ``N = B_U · G``
     rows, group-major.
     """
-    _check_records(records)
-    _check_int("n_prompts", n_prompts, 1)
-    if n_prompts > len(records):
-        raise DataError(
-            f"n_prompts={n_prompts} exceeds the {len(records)} records: U needs distinct prompts; "
-            "lower n_prompts (config key update_batch.n_prompts) or load more prompts (data.path, "
-            "data.limit)"
-        )
-    if _check_int("group_size", group_size, 1) < 2:
-        raise ArgumentError(
-            f"group_size={group_size}: a GRPO group needs >= 2 responses (one response has zero advantage)"
-        )
-    _check_int("max_resample_attempts", max_resample_attempts, 0)
-    if scale_rewards not in SCALE_REWARDS:
-        raise ArgumentError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    _check_update_args(records, n_prompts, group_size, max_resample_attempts, scale_rewards)
     eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
     g = torch.Generator().manual_seed(_check_int("seed", seed, None))
     chosen = torch.randperm(len(records), generator=g)[:n_prompts].tolist()
     prompt_ids = _encode(lm, records, chosen, tokenizer, add_special_tokens)
-    kw: dict[str, Any] = dict(policy=policy, max_new_tokens=max_new_tokens, n_per_prompt=group_size,
-                              eos_token_id=eos, pad_token_id=pad, generator=g, batch_size=batch_size)
     G = group_size
     index = [i for i in chosen for _ in range(G)]
     row_records = [records[i] for i in index]
-    responses = _responses(sample(lm, params, prompt_ids, **kw))
-    texts = _decode(tokenizer, responses)
-    rewards = _rewards(reward_fn, texts, row_records)
-    resampled = torch.zeros(n_prompts, dtype=torch.long)
-    for attempt in range(max_resample_attempts + 1):
-        flat = _degenerate(rewards, G)
-        if not flat or attempt == max_resample_attempts:
-            break
-        logger.info("U: %d of %d groups have equal rewards; drawing them again (attempt %d of %d)",
-                    len(flat), n_prompts, attempt + 1, max_resample_attempts)
-        redo = _responses(sample(lm, params, [prompt_ids[k] for k in flat], **kw))
-        rows = [k * G + j for k in flat for j in range(G)]
-        redo_texts = _decode(tokenizer, redo)
-        redo_rewards = _rewards(reward_fn, redo_texts, [row_records[r] for r in rows])
-        for r, resp, text, rew in zip(rows, redo, redo_texts, redo_rewards, strict=True):
-            responses[r], texts[r], rewards[r] = resp, text, rew
-        resampled[flat] += 1
-    if flat:
-        ids = [records[chosen[k]].id for k in flat]
-        more = " ..." if len(ids) > 10 else ""
-        raise DataError(
-            f"{len(flat)} of {n_prompts} groups in U still have identical rewards for all {G} responses "
-            f"after {max_resample_attempts} re-draws (record ids {ids[:10]}{more}); "
-            "their advantages are zero. Use a larger group_size, different prompts (or seed), or a "
-            "higher max_resample_attempts (config keys update_batch.group_size, seed, "
-            "update_batch.max_resample_attempts)"
-        )
+
+    def draw(groups: list[int]) -> tuple[list[list[int]], list[str], list[float]]:
+        """Fresh responses of ``groups`` (prompt-major rows), decoded and rewarded."""
+        resp = _responses(sample(lm, params, [prompt_ids[k] for k in groups], policy=policy,
+                                 max_new_tokens=max_new_tokens, n_per_prompt=G, eos_token_id=eos,
+                                 pad_token_id=pad, generator=g, batch_size=batch_size))
+        texts = _decode(tokenizer, resp)
+        rows = [row_records[k * G + j] for k in groups for j in range(G)]
+        return resp, texts, _rewards(reward_fn, texts, rows)
+
+    responses, texts, rewards, resampled = _draw_until_rewards_differ(
+        draw, n_prompts, G, max_resample_attempts, [records[k].id for k in chosen]
+    )
     r_t = torch.tensor(rewards, dtype=torch.float32)
     return UpdateBatch(
         batch=pack([prompt_ids[k // G] for k in range(len(index))], responses, pad, device=lm.device),
@@ -268,13 +237,63 @@ def build_update_batch(
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _rows(b: EvalBatch | UpdateBatch) -> list[dict[str, Any]]:
-    n_tok = b.batch.n_tokens.tolist()
-    return [
-        dict(row=i, group=int(b.group[i]), prompt_index=int(b.prompt_index[i]), record_id=b.record_ids[i],
-             prompt=b.prompts[i], response=b.responses[i], n_tokens=n_tok[i], seed=b.seed)
-        for i in range(len(b.batch))
-    ]
+def _check_update_args(
+    records: Sequence[PromptRecord], n_prompts: int, group_size: int, max_resample_attempts: int,
+    scale_rewards: str,
+) -> None:
+    """The checks of :func:`build_update_batch` that need no model."""
+    _check_records(records)
+    _check_int("n_prompts", n_prompts, 1)
+    if n_prompts > len(records):
+        raise DataError(
+            f"n_prompts={n_prompts} exceeds the {len(records)} records: U needs distinct prompts; "
+            "lower n_prompts (config key update_batch.n_prompts) or load more prompts (data.path, "
+            "data.limit)"
+        )
+    if _check_int("group_size", group_size, 1) < 2:
+        raise ArgumentError(
+            f"group_size={group_size}: a GRPO group needs >= 2 responses (one response has zero advantage)"
+        )
+    _check_int("max_resample_attempts", max_resample_attempts, 0)
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+
+
+def _draw_until_rewards_differ(
+    draw: Callable[[list[int]], tuple[list[list[int]], list[str], list[float]]],
+    n_groups: int,
+    group_size: int,
+    max_attempts: int,
+    group_ids: list[str],
+) -> tuple[list[list[int]], list[str], list[float], Tensor]:
+    """Draw every group once, then re-draw the groups whose rewards are all equal, up to
+    ``max_attempts`` times: ``(responses, texts, rewards, resampled [n_groups])``, rows group-major.
+
+    ``draw(groups)`` samples and rewards the given groups; ``group_ids`` name them in the error.
+    """
+    G = group_size
+    responses, texts, rewards = draw(list(range(n_groups)))
+    resampled = torch.zeros(n_groups, dtype=torch.long)
+    for attempt in range(max_attempts + 1):
+        flat = _degenerate(rewards, G)
+        if not flat or attempt == max_attempts:
+            break
+        logger.info("U: %d of %d groups have equal rewards; drawing them again (attempt %d of %d)",
+                    len(flat), n_groups, attempt + 1, max_attempts)
+        rows = [k * G + j for k in flat for j in range(G)]
+        for r, resp, text, rew in zip(rows, *draw(flat), strict=True):
+            responses[r], texts[r], rewards[r] = resp, text, rew
+        resampled[flat] += 1
+    if flat:
+        ids = [group_ids[k] for k in flat]
+        more = " ..." if len(ids) > 10 else ""
+        raise DataError(
+            f"{len(flat)} of {n_groups} groups in U still have identical rewards for all {G} responses "
+            f"after {max_attempts} re-draws (record ids {ids[:10]}{more}); "
+            "their advantages are zero. Use a larger group_size, different prompts (or seed), or a "
+            "higher max_resample_attempts (config keys update_batch.group_size, seed, "
+            "update_batch.max_resample_attempts)"
+        )
+    return responses, texts, rewards, resampled
 
 
 def _check_int(name: str, value: int, low: int | None) -> int:

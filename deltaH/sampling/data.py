@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltaH._choices import NAMED_TEMPLATES
 from deltaH.errors import ArgumentError, DataError, NotFoundError
 from deltaH.sampling.rewards import extract_answer
 
@@ -202,7 +203,7 @@ def _iter_rows(path: Path) -> Iterator[Row]:
 def _check_template(template: str, system_prompt: str | None) -> None:
     if not isinstance(template, str):
         raise TypeError(f"template must be 'plain', 'chat' or a format string, got {type(template).__name__}")
-    if template in ("plain", "chat"):
+    if template in NAMED_TEMPLATES:
         return
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}

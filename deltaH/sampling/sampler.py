@@ -46,7 +46,7 @@ from torch import Tensor
 from deltaH.batch import SequenceBatch
 from deltaH.errors import ArgumentError
 from deltaH.functional import FunctionalLM
-from deltaH.policy import SamplingPolicy
+from deltaH.policy import SamplingPolicy, scaled_logits
 
 
 def sample(
@@ -220,11 +220,7 @@ def _decode_chunk(
 def _draw(logits: Tensor, u: Tensor, policy: SamplingPolicy) -> Tensor:
     """One token per row of ``logits [n, V]`` from ``q`` by inverse CDF at uniforms ``u [n]``."""
     keep = policy.nucleus_mask(logits)  # decided in float32, as generate does
-    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32  # as token_stats
-    z = logits.to(cd) / policy.temperature
-    if keep is not None:
-        z = z.masked_fill(~keep, float("-inf"))
-    prob = torch.softmax(z, dim=-1)
+    prob = torch.softmax(scaled_logits(logits, policy.temperature, keep), dim=-1)  # as token_stats
     cdf = prob.cumsum(-1, dtype=torch.float64)  # non-decreasing: zero-mass tokens have zero width
     x = (u * cdf[:, -1]).unsqueeze(1)
     tok = torch.searchsorted(cdf, x, right=True).squeeze(1)

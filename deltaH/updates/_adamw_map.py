@@ -123,21 +123,10 @@ def fields_from_optimizer(optimizer: Any, model: torch.nn.Module, copy: bool) ->
             st = opt.state.get(p, {})
             if len(st) == 0:
                 fresh.add(name)
-                out.exp_avg[name] = torch.zeros_like(p, memory_format=torch.preserve_format).detach()
-                out.exp_avg_sq[name] = torch.zeros_like(out.exp_avg[name])
-                if hyper.amsgrad:
-                    out.max_exp_avg_sq[name] = torch.zeros_like(out.exp_avg[name])
-                out.step[name] = 0
+                zero = torch.zeros_like(p, memory_format=torch.preserve_format).detach()
+                _put_fresh(out, name, hyper, zero)
             else:
-                where = f"optimizer state of {name!r}"
-                _check_entry(st, hyper, where)
-                out.exp_avg[name] = _take(st["exp_avg"], copy)
-                out.exp_avg_sq[name] = _take(st["exp_avg_sq"], copy)
-                if hyper.amsgrad:
-                    out.max_exp_avg_sq[name] = _take(st["max_exp_avg_sq"], copy)
-                out.step[name] = _step_of(st["step"], where)
-                _check_shapes(out, name, tuple(p.shape), where)
-            out.hyper[name] = hyper
+                _put_saved(out, name, hyper, st, copy, tuple(p.shape), f"optimizer state of {name!r}")
     if trainable:
         first = next(iter(trainable.values()))
         raise CheckpointError(
@@ -146,6 +135,28 @@ def fields_from_optimizer(optimizer: Any, model: torch.nn.Module, copy: bool) ->
             f"requires_grad_(False) on the ones it does not train."
         )
     return out._replace(fresh=frozenset(fresh))
+
+
+def _put_fresh(out: StateFields, name: str, hyper: AdamWHyper, zero: Tensor) -> None:
+    """A parameter that never had a gradient: zero moments at step 0 (where torch's first step starts)."""
+    out.exp_avg[name], out.exp_avg_sq[name] = zero, zero.clone()
+    if hyper.amsgrad:
+        out.max_exp_avg_sq[name] = zero.clone()
+    out.step[name] = 0
+    out.hyper[name] = hyper
+
+
+def _put_saved(out: StateFields, name: str, hyper: AdamWHyper, st: Mapping[str, Any], copy: bool,
+               want: tuple[int, ...] | None, where: str) -> None:
+    """A parameter's saved state ``st`` (checked: keys, step, shapes against ``want``)."""
+    _check_entry(st, hyper, where)
+    out.exp_avg[name] = _take(st["exp_avg"], copy)
+    out.exp_avg_sq[name] = _take(st["exp_avg_sq"], copy)
+    if hyper.amsgrad:
+        out.max_exp_avg_sq[name] = _take(st["max_exp_avg_sq"], copy)
+    out.step[name] = _step_of(st["step"], where)
+    _check_shapes(out, name, want, where)
+    out.hyper[name] = hyper
 
 
 def _check_entry(st: Mapping[str, Any], hyper: AdamWHyper, where: str) -> None:
@@ -269,18 +280,7 @@ def fields_from_state_dict(state_dict: Mapping[str, Any],
                         "represent it with zero moments at step 0."
                     )
                 fresh.add(name)
-                zero = torch.zeros(want[name], dtype=zero_dtype)
-                out.exp_avg[name], out.exp_avg_sq[name] = zero, zero.clone()
-                if hyper.amsgrad:
-                    out.max_exp_avg_sq[name] = zero.clone()
-                out.step[name] = 0
+                _put_fresh(out, name, hyper, torch.zeros(want[name], dtype=zero_dtype))
             else:
-                _check_entry(st, hyper, where)
-                out.exp_avg[name] = _take(st["exp_avg"], copy)
-                out.exp_avg_sq[name] = _take(st["exp_avg_sq"], copy)
-                if hyper.amsgrad:
-                    out.max_exp_avg_sq[name] = _take(st["max_exp_avg_sq"], copy)
-                out.step[name] = _step_of(st["step"], where)
-                _check_shapes(out, name, want.get(name), where)
-            out.hyper[name] = hyper
+                _put_saved(out, name, hyper, st, copy, want.get(name), where)
     return out._replace(fresh=frozenset(fresh))

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH._choices import DECOMPOSITIONS as DECOMPOSITIONS
 from deltaH.batch import SequenceBatch
 from deltaH.errors import BatchError, CheckpointError
 from deltaH.functional import FunctionalLM
 from deltaH.updates.adamw import AdamWState, adamw_decompose, unit_lr
 from deltaH.updates.grads import sequence_logprob_grads
 from deltaH.updates.losses import loss_coefficients
-
-DECOMPOSITIONS = ("full", "baseline", "grad", "baseline+grad")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import Tensor
 from deltaH.batch import SequenceBatch, compact
 from deltaH.errors import ArgumentError, ParameterNameError
 from deltaH.functional import FunctionalLM
-from deltaH.policy import SamplingPolicy
+from deltaH.policy import SamplingPolicy, trainer_logprob
 
 
 def logprob_sums(
@@ -32,11 +32,8 @@ def logprob_sums(
     c = compact(batch)
     h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
     logits = lm.head(params, h)
-    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lp = (
-        torch.log_softmax(logits.to(cd) / temperature, dim=-1).gather(-1, c.targets.unsqueeze(-1)).squeeze(-1)
-    )
-    return torch.zeros(c.n, dtype=torch.float64, device=lp.device).index_add(0, c.rows, lp.double())
+    lp = trainer_logprob(logits, c.targets, temperature)
+    return c.per_sequence(lp)
 
 
 def sequence_logprob_grads(
@@ -90,12 +87,7 @@ def sequence_logprob_grads(
         ) -> tuple[Tensor, Tensor]:
             full = {**rest, **p}
             h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
-            logits = lm.head(full, h)
-            cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-            z = logits.to(cd) / temperature
-            if kp is not None:
-                z = z.masked_fill(~kp, float("-inf"))
-            lp = torch.log_softmax(z, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            lp = trainer_logprob(lm.head(full, h), y, temperature, kp)
             val = torch.where(m, lp, torch.zeros_like(lp)).sum()
             return val, val.detach()
 

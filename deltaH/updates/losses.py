@@ -27,16 +27,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltaH._choices import LOSS_TYPES as LOSS_TYPES
+from deltaH._choices import SCALE_REWARDS as SCALE_REWARDS
+from deltaH._choices import check_choice
 from deltaH.errors import ArgumentError, BatchError
-
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 def advantages(rewards: Tensor, scale_rewards: str = "group") -> Tensor:
     """Group-relative advantages ``[B, G]`` from rewards ``[B, G]`` (TRL's rule, see module doc)."""
-    if scale_rewards not in SCALE_REWARDS:
-        raise ArgumentError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     if rewards.dim() != 2:
         raise BatchError(f"rewards must be [B, G] (prompts × responses), got shape {tuple(rewards.shape)}")
     r = rewards.double()
@@ -62,8 +61,7 @@ def loss_coefficients(
 
     ``n_tokens [N]`` response lengths, ``adv [N]`` advantages (flattened prompt-major).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ArgumentError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     n = int(n_tokens.shape[0])
     if adv.shape != n_tokens.shape:
         raise BatchError(f"advantages have shape {tuple(adv.shape)} but n_tokens has {tuple(n_tokens.shape)}")
