@@ -43,7 +43,8 @@ test: lint
 # differ (this project runs on AVX-512 and AVX2-only machines) and float32 results round
 # differently per kernel set; these tests must hold on every one, not only on the CI's own.
 # Any other set: `make test-portable PORTABLE_CAP=avx2` (x86 only).
-PORTABLE_TESTS ?= tests/test_policy.py tests/test_stats.py tests/test_true.py tests/test_grads.py tests/test_kernel.py
+PORTABLE_TESTS ?= tests/core/test_policy.py tests/core/test_stats.py tests/estimators/test_true.py \
+                  tests/updates/test_grads.py tests/estimators/test_kernel.py
 PORTABLE_CAP ?= default
 
 test-portable: setup

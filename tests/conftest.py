@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _refs import hf_keep
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,45 +166,6 @@ def qwen2_lora() -> torch.nn.Module:
 # Plain references shared by the core correctness tests (test_policy/stats/true/distributed).
 # They never call deltaH: transformers' own warpers decide the nucleus, float64 does the math.
 # ---------------------------------------------------------------------------------------------
-
-
-def hf_keep(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Kept-token mask of transformers' TemperatureLogitsWarper + TopPLogitsWarper on float32 scores."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-    z = logits.detach().float().reshape(-1, logits.shape[-1])
-    z = TemperatureLogitsWarper(temperature)(None, z)
-    if top_p < 1.0:
-        z = TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)(None, z)
-    return torch.isfinite(z).reshape(logits.shape)
-
-
-def ref_token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 ``log q(target)`` and entropy over HF's kept set: a plain masked softmax."""
-    keep = hf_keep(logits, temperature, top_p)
-    z = logits.detach().double() / temperature
-    logp = torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
-    ent = -torch.where(keep, logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), ent
-
-
-def ref_sequence_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       response_mask: torch.Tensor, temperature: float,
-                       top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loop: ``model(row).logits`` on each unpadded row; float64 per-sequence (logq, entropy)."""
-    n = input_ids.shape[0]
-    logq = torch.zeros(n, dtype=torch.float64)
-    ent = torch.zeros(n, dtype=torch.float64)
-    for i in range(n):
-        am = attention_mask[i].bool()
-        ids = input_ids[i][am]
-        pos = response_mask[i].bool()[am].nonzero().flatten()
-        with torch.no_grad():
-            logits = model(input_ids=ids.unsqueeze(0)).logits[0]
-        lq, en = ref_token_stats(logits[pos - 1], ids[pos], temperature, top_p)
-        logq[i], ent[i] = lq.sum(), en.sum()
-    return logq, ent
 
 
 def sample_responses(model: torch.nn.Module, prompts: list[list[int]], temperature: float, top_p: float,

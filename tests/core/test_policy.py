@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import hf_keep, ref_token_stats
+from _refs import hf_keep, ref_token_stats
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_keep, tiny_qwen2, with_lora
+from _refs import hf_keep
+from conftest import tiny_qwen2, with_lora
 
 import deltaH as dh
 from deltaH.estimators.influence import covariance_proxy, influence_matrix

@@ -13,7 +13,6 @@ kernels on float64 models (observed gaps ~1e-14); statistical checks use standar
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -22,18 +21,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    ATOL,
-    RTOL,
-    build_batch,
-    hf_keep,
-    ref_sequence_stats,
-    ref_token_stats,
-    sample_responses,
-    tiny_llama,
-    tiny_qwen2,
-    with_lora,
-)
+from _refs import ref_khat, ref_snis, ref_token_stats, shifted_copy
+from conftest import ATOL, RTOL, build_batch, sample_responses, tiny_llama, tiny_qwen2, with_lora
 
 import deltaH as dh
 from deltaH.estimators._psis import khat_threshold, psis_khat
@@ -55,16 +44,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, **kw: float) -> None:
     torch.testing.assert_close(a, b, atol=kw.get("atol", ATOL), rtol=kw.get("rtol", RTOL), equal_nan=True)
 
 
-def _shifted_copy(model: torch.nn.Module, direction: dict, eta: float) -> torch.nn.Module:
-    """A deep copy of ``model`` with θ + η·v written into its parameters (no functional_call)."""
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n in direction:
-                p.add_(eta * direction[n])
-    return m
-
-
 def _random_dirs(lm: dh.FunctionalLM, k: int, seed: int, scale: float = 1.0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {n: scale * torch.randn((k, *p.shape), generator=g, dtype=p.dtype) for n, p in lm.params.items()}
@@ -75,106 +54,9 @@ def _random_dirs(lm: dh.FunctionalLM, k: int, seed: int, scale: float = 1.0) -> 
 # =====================================================================================================
 
 
-def ref_gpd_shape(x: np.ndarray) -> float:
-    """Posterior-mean GPD shape of sorted exceedances ``x`` (Zhang & Stephens 2009, Sec. 3).
-
-    Grid ``θ_j = 1/x_(n) + (1 − sqrt(m/(j − ½))) / (3·x_(⌊n/4 + ½⌋))``, ``m = 30 + ⌊√n⌋``; for each θ
-    the profile MLE ``ξ(θ) = mean log(1 − θx)``, ``σ = −ξ/θ``; the GPD log-likelihood
-    ``Σ −log σ − (1/ξ + 1)·log(1 + ξx/σ)`` weights the grid (softmax); ``θ̂`` is the weighted mean,
-    ``k̂ = mean log(1 − θ̂x)``, then shrunk towards ½ with weight 10 (the arviz/loo prior).
-    """
-    n = len(x)
-    m = 30 + math.floor(math.sqrt(n))
-    q1 = x[math.floor(n / 4 + 0.5) - 1]
-    thetas = np.array([1 / x[-1] + (1 - math.sqrt(m / (j - 0.5))) / (3 * q1) for j in range(1, m + 1)])
-    ll = np.empty(m)
-    for j, th in enumerate(thetas):
-        xi = np.mean(np.log1p(-th * x))
-        sigma = -xi / th
-        ll[j] = np.sum(-np.log(sigma) - (1 / xi + 1) * np.log1p(xi * x / sigma))
-    w = np.exp(ll - ll.max())
-    w /= w.sum()
-    theta_hat = float(np.sum(w * thetas))
-    k = float(np.mean(np.log1p(-theta_hat * x)))
-    return (n * k + 10 * 0.5) / (n + 10)
-
-
-def ref_khat(logw: np.ndarray) -> float:
-    """PSIS k̂ of log-weights ``logw [S]``: fit the ``M = ceil(min(S/5, 3√S))`` largest weights above
-    the (M+1)-th largest (floored at the smallest normal float); NaN if ≤ 4 exceed it."""
-    lw = np.asarray(logw, dtype=float)
-    s = lw.size
-    if not np.isfinite(lw.max()):
-        return float("nan")
-    lw = np.sort(lw - lw.max())
-    m_tail = math.ceil(min(0.2 * s, 3 * math.sqrt(s)))
-    if s < m_tail + 1:
-        return float("nan")
-    cutoff = max(lw[s - m_tail - 1], math.log(np.finfo(float).tiny))
-    tail = lw[lw > cutoff]
-    if tail.size <= 4:
-        return float("nan")
-    x = np.sort(np.exp(tail) - math.exp(cutoff))
-    if not x[-1] > 0:
-        return float("nan")
-    return ref_gpd_shape(x)
-
-
 # =====================================================================================================
 # (b) plain-loop SNIS reference
 # =====================================================================================================
-
-
-def ref_nucleus_changed(model: torch.nn.Module, direction: dict, eta: float, batch: dh.SequenceBatch,
-                        tau: float, top_p: float) -> torch.Tensor:
-    """Fraction of scored positions whose kept set (transformers' warpers, full ``[V]`` masks from
-    per-row ``model(row).logits``) differs between θ and θ + η·v."""
-    shifted = _shifted_copy(model, direction, eta)
-    moved = total = 0
-    for i in range(len(batch)):
-        am = batch.attention_mask[i].bool()
-        ids = batch.input_ids[i][am].unsqueeze(0)
-        pos = batch.response_mask[i].bool()[am].nonzero().flatten() - 1
-        with torch.no_grad():
-            k0 = hf_keep(model(input_ids=ids).logits[0, pos], tau, top_p)
-            k1 = hf_keep(shifted(input_ids=ids).logits[0, pos], tau, top_p)
-        moved += int((k0 != k1).any(-1).sum())
-        total += int(pos.numel())
-    return torch.tensor(moved / total, dtype=torch.float64)
-
-
-def ref_snis(model: torch.nn.Module, direction: dict, eta: float, batch: dh.SequenceBatch, tau: float,
-             top_p: float, mode: str) -> dict:
-    """Every §1.3 field for one direction and one η, by hand in float64."""
-    args = (batch.input_ids, batch.attention_mask, batch.response_mask, tau, top_p)
-    lq0, ent0 = ref_sequence_stats(model, *args)
-    lq1, ent1 = ref_sequence_stats(_shifted_copy(model, direction, eta), *args)
-    e0, e1 = (ent0, ent1) if mode == "rb" else (-lq0, -lq1)
-    ntok = batch.response_mask.sum(1).double()
-    n = len(batch)
-    logw = lq1 - lq0
-    w = torch.exp(logw)  # |logw| stays moderate in these tests: no shift needed in float64
-    s = w.sum()
-    wt = w / s
-    we1 = torch.where(w > 0, wt * e1, torch.zeros_like(w))  # a zero weight never meets its +inf surprisal
-    per_seq = we1 - e0 / n
-    h_orig, h_upd = e0.mean(), we1.sum()
-    h_upd_tok = torch.where(w > 0, w * e1, torch.zeros_like(w)).sum() / (w * ntok).sum()
-    return {
-        "delta_h": h_upd - h_orig,
-        "h_upd": h_upd,
-        "per_sequence": per_seq,
-        "ess": 1 / (wt * wt).sum(),
-        "khat": torch.tensor(ref_khat(logw.numpy()), dtype=torch.float64),
-        "logw_max": logw.max(),
-        "logw_min": logw.min(),
-        "retained_mass": w.mean(),
-        "h_orig": h_orig,
-        "h_orig_per_token": e0.sum() / ntok.sum(),
-        "h_upd_per_token": h_upd_tok,
-        "delta_h_per_token": h_upd_tok - e0.sum() / ntok.sum(),
-        "nucleus_changed": ref_nucleus_changed(model, direction, eta, batch, tau, top_p),
-    }
 
 
 PER_DIR = ("delta_h", "h_upd", "ess", "khat", "logw_max", "logw_min", "retained_mass",
@@ -597,7 +479,7 @@ def test_snis_expectation_form_is_exact(which: str, eta: float, pol: tuple, enum
     st0 = dh.sequence_stats(e.lm, e.lm.params, e.batch, policy=policy)
     q0 = st0.logq.exp()
     for k, sign in enumerate((1.0, -1.0)):
-        rlq1, ren1 = e.ref(_shifted_copy(e.model, v, sign * eta), tau, p)
+        rlq1, ren1 = e.ref(shifted_copy(e.model, v, sign * eta), tau, p)
         _close(en1[k], ren1)
         old = torch.isfinite(st0.logq)
         w = torch.where(old, torch.exp(lq1[k] - st0.logq), torch.zeros_like(q0))
@@ -624,7 +506,7 @@ def test_snis_on_a_large_sample_agrees_with_exact_delta_h(which: str, eta: float
     policy = dh.SamplingPolicy(1.0, 1.0)
     v = _dir(e.lm, seed)
     lq0, en0 = e.ref(e.model, 1.0, 1.0)
-    lq1, en1 = e.ref(_shifted_copy(e.model, v, eta), 1.0, 1.0)
+    lq1, en1 = e.ref(shifted_copy(e.model, v, eta), 1.0, 1.0)
     exact = float(_exact_entropy(lq1) - _exact_entropy(lq0))
     n = 2000
     idx = torch.multinomial(lq0.exp(), n, replacement=True, generator=torch.Generator().manual_seed(7))

@@ -33,7 +33,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_batch, hf_keep, sample_responses, tiny_llama, tiny_qwen2, with_lora
+from _refs import hf_keep
+from conftest import build_batch, sample_responses, tiny_llama, tiny_qwen2, with_lora
 
 import deltaH as dh
 

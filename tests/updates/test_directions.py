@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _refs import ref_row_grads
 from conftest import tiny_qwen2, with_lora
-from test_grads import ref_row_grads
 from test_losses import completion_logps, random_update_batch, trl_micro_batch_loss
 
 import deltaH as dh

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _refs import ref_row_grads
 from conftest import build_batch, tiny_llama, tiny_qwen2, with_lora
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,28 +48,6 @@ def _close_tree(got: dict, ref: dict, rtol: float = RTOL, atol: float = 1e-9) ->
         torch.testing.assert_close(
             got[n], ref[n], rtol=rtol, atol=atol * scale, msg=lambda m, n=n: f"{n}: {m}"
         )
-
-
-def ref_row_grads(
-    model: torch.nn.Module,
-    batch: dh.SequenceBatch,
-    tau: float,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``G [N, *shape]`` and ``S [N]`` by a plain loop over unpadded rows."""
-    params = _trainable(model)
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n in params}
-    sums = []
-    for i in range(len(batch)):
-        am = batch.attention_mask[i]
-        ids = batch.input_ids[i][am]
-        pos = batch.response_mask[i][am].nonzero().flatten()
-        logits = model(input_ids=ids.unsqueeze(0)).logits[0]
-        lp = torch.log_softmax(logits[pos - 1].double() / tau, dim=-1)
-        s = lp.gather(-1, ids[pos].unsqueeze(-1)).sum()
-        for n, g in zip(params, torch.autograd.grad(s, list(params.values())), strict=True):
-            grads[n].append(g)
-        sums.append(s.detach())
-    return {n: torch.stack(v) for n, v in grads.items()}, torch.stack(sums)
 
 
 def random_rows(n: int, seed: int, vocab: int = 32) -> list[tuple[list[int], list[int]]]:

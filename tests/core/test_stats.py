@@ -13,16 +13,8 @@ import copy
 
 import pytest
 import torch
-from conftest import (
-    ATOL,
-    RTOL,
-    build_batch,
-    ref_sequence_stats,
-    sample_responses,
-    tiny_llama,
-    tiny_qwen2,
-    with_lora,
-)
+from _refs import ref_sequence_stats
+from conftest import ATOL, RTOL, build_batch, sample_responses, tiny_llama, tiny_qwen2, with_lora
 from hypothesis import given
 from hypothesis import strategies as st
 
