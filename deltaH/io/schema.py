@@ -107,6 +107,13 @@ class TrustInfo:
     def from_json(cls, d: dict[str, Any]) -> TrustInfo:
         return typing.cast(TrustInfo, _build(cls, d))
 
+    def warning_lines(self) -> list[str]:
+        """One line per decomposition with an untrusted η, from ``per_eta``
+        (:func:`deltaH.analysis.trust_warnings`: the lines the runner adds to ``warnings``)."""
+        from deltaH.analysis import trust_warnings
+
+        return trust_warnings({"per_eta": _plain(self.per_eta)})
+
 
 @dataclass(frozen=True)
 class TopUpdate:
@@ -269,8 +276,8 @@ def _build(tp: Any, v: Any) -> Any:
         names = {f.name for f in dataclasses.fields(tp)}
         v = v or {}  # a record the file lacks: every field filled in as missing
         return typing.cast(Any, tp)(**{k: _build(hints[k], v.get(k)) for k in names})
-    if origin is list:
-        return [_build(args[0], x) for x in (v or [])]
+    if origin is list:  # a single value where a list belongs (an older layout) becomes a list of one
+        return [_build(args[0], x) for x in (v if isinstance(v, list) else [] if v is None else [v])]
     if origin is dict:
         return {k: _build(args[1], x) for k, x in (v or {}).items()}
     if tp is float:
