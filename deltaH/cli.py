@@ -137,9 +137,10 @@ def _run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from deltaH.io.report import format_summary_table
     from deltaH.io.results import ResultsDir
+    from deltaH.io.schema import RunSummary
 
     rd = ResultsDir.open(args.results, action="inspect")
-    summary = rd.read_json("summary.json")
+    summary = rd.read_json("summary.json")  # or summary.json.gz
     if summary is None:
         study = rd.read_json("study.json")
         if study is not None:
@@ -152,7 +153,7 @@ def _inspect(args: argparse.Namespace) -> int:
             f"'deltah run --resume {args.results}'"
         )
     summary.setdefault("status", rd.progress().get("status"))
-    print(format_summary_table(summary))
+    print(format_summary_table(RunSummary.from_json(summary)))
     return 0
 
 

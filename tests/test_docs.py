@@ -106,6 +106,19 @@ def test_readme_config_table_is_generated_from_the_config() -> None:
     )
 
 
+def test_results_schema_table_is_generated_from_the_schema() -> None:
+    """docs/results-schema.md's summary.json table is ``describe_results()`` between its markers."""
+    from deltaH.io.schema import BEGIN, END, describe_results
+
+    text = (ROOT / "docs" / "results-schema.md").read_text(encoding="utf-8")
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, "docs/results-schema.md lacks the markers"
+    generated = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert generated == "\n" + describe_results(), (
+        "docs/results-schema.md's summary.json table is stale: run "
+        "python -m deltaH.io.schema --write docs/results-schema.md"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # output.detail: docs/results-schema.md's table is what the runner writes at each level.
 # ---------------------------------------------------------------------------------------------

@@ -3,21 +3,25 @@
 The runner builds a :class:`RunSummary`; :meth:`RunSummary.to_json` gives the plain JSON layout
 of ``summary.json`` (NaN and inf become ``null``) and :meth:`RunSummary.from_json` reads it back,
 so plots, the report and ``deltah inspect`` use attributes, not string keys.
-``docs/results-schema.md`` is generated from the ``help`` metadata below by
-:func:`describe_results` (``python -m deltaH.io.schema > docs/results-schema.md``); a test keeps
-it current.
+The ``summary.json`` table of ``docs/results-schema.md`` is generated from the ``help`` metadata
+below by :func:`describe_results`; ``python -m deltaH.io.schema --write docs/results-schema.md``
+rewrites it between the file's markers, and a test keeps it current.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from pathlib import Path
+from typing import Any, Union
 
-T = TypeVar("T")
+BEGIN = "<!-- generated: describe_results (python -m deltaH.io.schema --write docs/results-schema.md) -->"
+END = "<!-- end generated -->"
 
 
 def _f(help: str, default: Any = dataclasses.MISSING) -> Any:
@@ -87,7 +91,7 @@ class EtaVerdict:
 @dataclass(frozen=True)
 class TrustInfo:
     eta_min: float = _f("smallest trusted η of the full update (null: none trusted)")
-    eta_max: float = _f("largest trusted η of the full update")
+    eta_max: float = _f("largest trusted η of the full update (null: none trusted)")
     precision_floor: float = _f("largest η of the full update below the precision floor (null: none found)")
     trusted: list[bool] = _f("per η: is ΔH of the full update trustworthy there [n_eta]")
     notes: list[str] = _f("why η values of the full update were not trusted")
@@ -102,6 +106,13 @@ class TrustInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrustInfo:
         return typing.cast(TrustInfo, _build(cls, d))
+
+    def warning_lines(self) -> list[str]:
+        """One line per decomposition with an untrusted η, from ``per_eta``
+        (:func:`deltaH.analysis.trust_warnings`: the lines the runner adds to ``warnings``)."""
+        from deltaH.analysis import trust_warnings
+
+        return trust_warnings({"per_eta": _plain(self.per_eta)})
 
 
 @dataclass(frozen=True)
@@ -188,11 +199,15 @@ class RunSummary:
     created: str = _f("local time the summary was written (ISO 8601)")
     git_revision: str | None = _f("commit of the deltaH source, when it is a git checkout")
     versions: dict[str, str] = _f("python, torch, transformers, peft and deltaH versions")
-    status: str = _f("complete")
+    status: str = _f("complete (written once every analysis finished; an unfinished run's state is in "
+                     "progress.json)")
     config: dict[str, Any] = _f("the resolved config (as config.yaml)")
     seeds: dict[str, int] = _f("seed of each random draw: seed, eval, update, kernel")
-    timings: dict[str, float] = _f("seconds per stage, and total")
-    checkpoint: dict[str, Any] = _f("the checkpoint: path, kind, global_step, lr, dtype, adapters, optimizer")
+    timings: dict[str, float] = _f("seconds per stage of the run (load, batches, ...), and total")
+    checkpoint: dict[str, Any] = _f(
+        "the checkpoint: path, kind, global_step, lr, max_grad_norm (null: no clipping), dtype (of the "
+        "logits), trainable_dtype, n_trainable, adapters, optimizer"
+    )
     batches: BatchesInfo = _f("sizes of E and U")
     update: UpdateInfo = _f("the reconstructed AdamW step")
     h_orig: float = _f("entropy at θ, mean over E, nats per sequence")
@@ -215,8 +230,28 @@ class RunSummary:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunSummary:
-        """Read a ``summary.json`` (``null`` floats become NaN); unknown keys are ignored."""
+        """Read a ``summary.json``; unknown keys are ignored.
+
+        ``null`` floats become NaN. A key an older folder lacks is filled in: a float with NaN, a
+        list with ``[]``, a dict with ``{}``, a record with one built from ``{}``, an optional
+        record with ``None``, anything else (int, str, bool) with ``None``; :func:`missing` tells
+        such a filled-in value from a recorded one.
+        """
         return typing.cast(RunSummary, _build(cls, d))
+
+
+def missing(x: Any) -> bool:
+    """Whether ``x`` holds nothing: None, NaN, an empty list or dict, or a record whose every field is
+    missing (what :meth:`RunSummary.from_json` fills in for a key the file lacks)."""
+    if x is None:
+        return True
+    if isinstance(x, float):
+        return math.isnan(x)
+    if isinstance(x, list | dict | tuple):
+        return not x
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return all(missing(getattr(x, f.name)) for f in dataclasses.fields(x))
+    return False
 
 
 def _plain(x: Any) -> Any:
@@ -239,9 +274,10 @@ def _build(tp: Any, v: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
+        v = v or {}  # a record the file lacks: every field filled in as missing
         return typing.cast(Any, tp)(**{k: _build(hints[k], v.get(k)) for k in names})
-    if origin is list:
-        return [_build(args[0], x) for x in (v or [])]
+    if origin is list:  # a single value where a list belongs (an older layout) becomes a list of one
+        return [_build(args[0], x) for x in (v if isinstance(v, list) else [] if v is None else [v])]
     if origin is dict:
         return {k: _build(args[1], x) for k, x in (v or {}).items()}
     if tp is float:
@@ -272,7 +308,8 @@ def _rows(cls: Any, prefix: str, seen: set[Any]) -> list[str]:
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         for a in (tp, *typing.get_args(tp)):
             inner = typing.get_args(a)[-1] if typing.get_origin(a) in (list, dict) else a
-            if dataclasses.is_dataclass(inner) and inner not in seen:
+            listed = inner in seen or any(c is inner for _, c in nested)
+            if dataclasses.is_dataclass(inner) and not listed:
                 sep = {list: "[].", dict: ".<name>."}.get(typing.get_origin(a), ".")
                 nested.append((f"{prefix}{f.name}{sep}", inner))
     for p, c in nested:
@@ -287,5 +324,27 @@ def describe_results() -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_generated_table(text: str) -> str:
+    """``text`` (``docs/results-schema.md``) with the part between its markers set to
+    :func:`describe_results`."""
+    head, sep, rest = text.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not (sep and sep2):
+        raise ValueError(f"the markers {BEGIN!r} and {END!r} are missing: add them where the table belongs")
+    return f"{head}{BEGIN}\n{describe_results()}{END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deltaH.io.schema", description="the summary.json table")
+    ap.add_argument("--write", metavar="MD", type=Path, help="rewrite the table between the markers of MD "
+                    "(docs/results-schema.md) instead of printing it")
+    args = ap.parse_args(argv)
+    if args.write is None:
+        print(describe_results(), end="")
+    else:
+        args.write.write_text(with_generated_table(args.write.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
 if __name__ == "__main__":
-    print(describe_results(), end="")
+    raise SystemExit(main())

@@ -182,7 +182,7 @@ def analyse_checkpoint(
     write_batches(rd, cfg, bt, base, diag)
     write_sweep(rd, cfg, grid.etas, sw, fo.slope)
     write_analyses(rd, inf, kern)
-    write_summary_and_report(rd, cfg, summary)
+    summary = write_summary_and_report(rd, cfg, summary)  # as written (a plots-skipped warning included)
     rd.mark_done("report")
     cache.clear()  # the results folder now holds everything; the cache only served --resume
     return summary

@@ -5,6 +5,7 @@ What each ``output.detail`` level writes is listed in ``docs/results-schema.md``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -72,18 +73,19 @@ def write_analyses(rd: ResultsDir, inf: InfluencePair | None, kern: torch.Tensor
         rd.save_array("kernel", kern, "cross Fisher kernel K[t, i] [N_E, N_U]")
 
 
-def write_summary_and_report(rd: ResultsDir, cfg: Config, summary: RunSummary) -> None:
-    """summary.json, then the plots (optional) and report.md that are made from it."""
-    data = summary.to_json()
+def write_summary_and_report(rd: ResultsDir, cfg: Config, summary: RunSummary) -> RunSummary:
+    """summary.json, then the plots (optional) and report.md that are made from it; returns the summary
+    as written (with a warning added when the plots could not be drawn)."""
     plots = []
     if cfg.output.plots:
         try:
             from deltaH.io.plots import make_plots
 
-            plots = make_plots(data, rd.load_arrays(), rd.path / "plots")
+            plots = make_plots(summary, rd.load_arrays(), rd.path / "plots")
         except ImportError as exc:
-            data["warnings"].append(f"plots skipped: {exc}")
-    rd.write_json("summary.json", data, gzip_large=True)
+            summary = dataclasses.replace(summary, warnings=[*summary.warnings, f"plots skipped: {exc}"])
+    rd.write_json("summary.json", summary.to_json(), gzip_large=True)
     from deltaH.io.report import write_report
 
-    write_report(data, rd.path, plots)
+    write_report(summary, rd.path, plots)
+    return summary

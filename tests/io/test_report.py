@@ -1,8 +1,15 @@
-"""Results presentation: plots (valid PNGs, no matplotlib warnings), report.md and the inspect table."""
+"""Results presentation: plots (valid PNGs, no matplotlib warnings), report.md and the inspect table.
+
+The summaries are written here in the JSON layout of ``summary.json`` and read with
+``RunSummary.from_json`` (:func:`typed`), as ``deltah inspect`` reads a results folder.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -16,12 +23,18 @@ pytest.importorskip("matplotlib")
 from deltaH import analysis as A  # noqa: E402
 from deltaH.io import plots as P  # noqa: E402
 from deltaH.io import report as R  # noqa: E402
+from deltaH.io.schema import KernelInfo, RunSummary  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DECS = ("full", "baseline", "grad", "baseline+grad")
 N_E, N_U, G_U = 32, 24, 6
 ETA = np.logspace(-7, -1, 13)
 ETA_REF = float(ETA[7])  # 1e-3.5 ≈ 3.16e-4, on the grid
+
+
+def typed(summary: dict[str, Any]) -> RunSummary:
+    """``summary`` as written to and read back from ``summary.json`` (NaN → null → NaN)."""
+    return RunSummary.from_json(json.loads(json.dumps(summary, indent=2, sort_keys=True)))
 
 
 def _nan_to_none(a: np.ndarray) -> list[Any]:
@@ -157,16 +170,14 @@ def test_fmt() -> None:
 
 def test_plots_and_report(tmp_path: Path) -> None:
     summary, arrays = synthetic()
-    # the summary goes through JSON as the runner writes it (NaN → null)
-    summary = json.loads(json.dumps(summary, indent=2, sort_keys=True))
-    plots = P.make_plots(summary, arrays, tmp_path / "plots")
+    plots = P.make_plots(typed(summary), arrays, tmp_path / "plots")
     names = sorted(p.name for p in plots)
     assert names == ["contributors.png", "delta_h_vs_eta.png", "ess_khat.png", "influence.png"]
     for p in plots:
         assert p.parent == tmp_path / "plots"
         _check_png(p)
 
-    path = R.write_report(summary, tmp_path, plots)
+    path = R.write_report(typed(summary), tmp_path, plots)
     assert path == tmp_path / "report.md"
     text = path.read_text(encoding="utf-8")
 
@@ -218,7 +229,7 @@ def test_plots_and_report(tmp_path: Path) -> None:
 
 def test_format_summary_table() -> None:
     summary, _ = synthetic()
-    table = R.format_summary_table(summary)
+    table = R.format_summary_table(typed(summary))
     for d in DECS:
         assert re.search(rf"^{re.escape(d)}\s", table, re.M), d
     assert "status: complete" in table
@@ -233,14 +244,21 @@ def test_all_optional_analyses_null(tmp_path: Path) -> None:
     for k in ("decompositions", "trust", "influence", "kernel", "proxy", "checkpoint", "update"):
         summary[k] = None
     summary.update(eta=None, eta_reference=None, warnings=[], status="incomplete")
-    plots = P.make_plots(summary, {}, tmp_path / "plots")
+    plots = P.make_plots(typed(summary), {}, tmp_path / "plots")
     assert plots == []
-    text = R.write_report(summary, tmp_path, plots).read_text(encoding="utf-8")
+    text = R.write_report(typed(summary), tmp_path, plots).read_text(encoding="utf-8")
     assert "Status: incomplete" in text
-    assert text.count("not run") >= 5
+    # optional analyses that were off are "not run"; parts every run records are "not recorded"
+    for line in ("Influence of individual update sequences: not run.", "Covariance proxy: not run.",
+                 "Cross Fisher kernel: not run.", "- **Checkpoint:** not recorded.",
+                 "- **Update:** not recorded.", "True ΔH along the update directions: not recorded.",
+                 "Trust analysis: not recorded.", "the true entropy change was not recorded."):
+        assert line in text, line
     assert "![" not in text
-    table = R.format_summary_table(summary)
-    assert table.count("not run") >= 4
+    table = R.format_summary_table(typed(summary))
+    for line in ("influence: not run", "kernel: not run", "proxy: not run", "trust: not recorded"):
+        assert line in table.splitlines(), line
+    assert table.count("not recorded") == 5  # the four decomposition rows and trust
 
 
 def test_partial_arrays_and_sign_change(tmp_path: Path) -> None:
@@ -248,15 +266,23 @@ def test_partial_arrays_and_sign_change(tmp_path: Path) -> None:
     summary, arrays = synthetic()
     only_inf = {k: arrays[k] for k in ("influence_true",)}
     s2 = dict(summary, decompositions=None, eta=None)
-    assert sorted(p.name for p in P.make_plots(s2, only_inf, tmp_path / "a")) == ["contributors.png",
-                                                                                   "influence.png"]
+    assert sorted(p.name for p in P.make_plots(typed(s2), only_inf, tmp_path / "a")) == ["contributors.png",
+                                                                                          "influence.png"]
     s3 = json.loads(json.dumps(summary))
     for d in DECS:
         dd = s3["decompositions"][d]
         dd["delta_h"] = [-abs(v) if v else 0.0 for v in dd["delta_h"]]
         dd["fit"]["slope_origin"] = None
     s3["trust"]["trusted"] = None  # fall back to eta_min / eta_max
-    _check_png(P.plot_delta_h_vs_eta(s3, {}, tmp_path / "b.png"))  # type: ignore[arg-type]
+    for d in DECS:
+        s3["trust"]["decompositions"][d]["trusted"] = None
+    t3 = typed(s3)
+    mask = P.trusted_mask(t3, ETA, "full")
+    lo, hi = s3["trust"]["eta_min"], s3["trust"]["eta_max"]
+    assert mask is not None and mask.tolist() == [lo <= e <= hi for e in ETA] and 0 < mask.sum() < ETA.size
+    p = P.plot_delta_h_vs_eta(t3, {}, tmp_path / "b.png")
+    assert p is not None
+    _check_png(p)
 
 
 def test_trajectory_plot(tmp_path: Path) -> None:
@@ -264,14 +290,14 @@ def test_trajectory_plot(tmp_path: Path) -> None:
              "delta_h1_ref": -0.009 * (s + 1) if s != 2 else None} for s in (4, 0, 2, 6)]
     p = P.make_trajectory_plot(rows, tmp_path / "plots" / "trajectory.png")
     _check_png(p)
-    text = R.write_report(synthetic()[0], tmp_path, [p]).read_text(encoding="utf-8")
+    text = R.write_report(typed(synthetic()[0]), tmp_path, [p]).read_text(encoding="utf-8")
     assert "](plots/trajectory.png)" in text
 
 
 def test_missing_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
-        P.make_plots(synthetic()[0], {}, tmp_path)
+        P.make_plots(typed(synthetic()[0]), {}, tmp_path)
 
 
 def _flag_baseline_khat() -> dict[str, Any]:
@@ -295,11 +321,12 @@ def _flag_baseline_khat() -> dict[str, Any]:
 def test_report_and_inspect_agree_on_a_flagged_khat(tmp_path: Path) -> None:
     summary = json.loads(json.dumps(_flag_baseline_khat()))
     (line,) = A.trust_warnings(summary["trust"])
+    assert typed(summary).trust.warning_lines() == [line]
     assert line.startswith("baseline: ΔH untrusted at 6 of 13 η — η = 0.000316 (step too large: k̂ 0.90 > "
                            "0.600 and the weights vary (N/ESS − 1 = 0.05 > 0.01)), "
                            "η = 0.001 … 0.1 (at η = 0.001: above a failing η")
-    text = R.write_report(summary, tmp_path, []).read_text(encoding="utf-8")
-    table = R.format_summary_table(summary)
+    text = R.write_report(typed(summary), tmp_path, []).read_text(encoding="utf-8")
+    table = R.format_summary_table(typed(summary))
     assert "No warnings were raised" not in text and "Warnings (1):" in text and line in text
     assert "warnings (1):" in table and line in table
     assert re.search(r"^baseline\s.*UNTRUSTED: step too large$", table, re.M)
@@ -315,8 +342,8 @@ def test_clean_summary_says_no_warnings(tmp_path: Path) -> None:
     summary = _flag_baseline_khat()
     summary["decompositions"]["baseline"]["ess"][7] = N_E * (1 - 1e-6)
     summary["trust"] = with_trust(summary["decompositions"], 0.0, top_p=False)
-    text = R.write_report(summary, tmp_path, []).read_text(encoding="utf-8")
-    table = R.format_summary_table(summary)
+    text = R.write_report(typed(summary), tmp_path, []).read_text(encoding="utf-8")
+    table = R.format_summary_table(typed(summary))
     assert "No warnings were raised." in text and "warnings: none" in table
     assert "UNTRUSTED" not in table and "[trusted]" in table
 
@@ -329,16 +356,99 @@ def test_trust_wording(tmp_path: Path) -> None:
     summary["batches"]["eval"]["n"] = 256
     summary["trust"]["khat_threshold"] = 0.5847589881390798
     summary["checkpoint"].update(dtype="bfloat16", trainable_dtype="float32", max_grad_norm=1.0)
-    text = R.render_report(summary, tmp_path)
+    text = R.render_report(typed(summary), tmp_path)
     assert "NaN nats" not in text and "No precision floor was found in the sweep" in text
     assert "threshold 0.585 = min(1 − 1/log10 N, 0.7) for N = 256" in text and "≤ 0.7" not in text
     assert "computed in bfloat16 (trainable parameters stored in float32)" in text
     assert "clipped at norm 1 (clipping factor 0.8)" in text
     assert "sampling noise can put it above 1" in text and "Retained mass at η_ref" in text
     summary["trust"]["top_p"] = False
-    text = R.render_report(summary, tmp_path)
+    text = R.render_report(typed(summary), tmp_path)
     assert "Retained mass at η_ref" not in text and "| retained mass |" not in text
     summary["trust"].update(precision_floor=1e-6, dtype="bfloat16", noise=7.7e-4)
-    text = R.render_report(summary, tmp_path)
+    text = R.render_report(typed(summary), tmp_path)
     assert ("At and below η = 1e-6 the measured change is rounding noise (σ ≥ 7.7e-4 nats of bfloat16 "
             "rounding noise): the precision floor (computing in float32, checkpoint.dtype=float32") in text
+
+
+def test_report_is_the_same_from_memory_and_from_the_file(tmp_path: Path) -> None:
+    """The runner renders the summary it holds (NaN, inf); inspect and later readers get it back from
+    summary.json (null). Both must print the same report: a non-finite value reads "n/a", never "NaN"."""
+    s = typed(synthetic()[0])
+    full = s.decompositions["full"]
+    khat = list(full.khat)
+    khat[7] = math.nan
+    ess = list(full.ess)
+    ess[7] = math.inf
+    mem = dataclasses.replace(
+        s, kernel=KernelInfo("exact", math.nan, -4.5, math.nan, 1202.0, 0, 16384),
+        decompositions={**s.decompositions, "full": dataclasses.replace(full, khat=khat, ess=ess)})
+    back = RunSummary.from_json(json.loads(json.dumps(mem.to_json())))
+    text = R.render_report(mem, tmp_path)
+    assert text == R.render_report(back, tmp_path)
+    assert R.format_summary_table(mem) == R.format_summary_table(back)
+    assert "| same prompt | n/a | n/a | 0 |" in text
+    assert "NaN" not in text and not re.search(r"\binf\b", text)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| full |"))
+    assert "| n/a | n/a |" in row  # ESS and k̂ at η_ref
+
+
+def test_older_summary_without_new_keys(tmp_path: Path) -> None:
+    """A folder written before the per-η verdicts and nucleus moves: the report and inspect say what was
+    not recorded and fall back to the full update's stored trusted range."""
+    summary, _ = synthetic()
+    del summary["trust"]["per_eta"], summary["trust"]["decompositions"], summary["trust"]["top_p"]
+    assert "nucleus_changed" not in summary["decompositions"]["full"]  # synthetic() predates it too
+    summary["warnings"] = summary["warnings"][:1]
+    text = R.render_report(typed(summary), tmp_path)
+    assert "Per-η verdicts: not recorded." in text
+    assert "| nucleus moved |" not in text  # the column is left out, not filled with blanks
+    assert "**inside** the trusted range" in text and "Warnings (1):" in text
+    table = R.format_summary_table(typed(summary))
+    assert "eta_ref = 3.16e-4  [trusted]" in table
+    assert re.search(r"^full\s.*\sok$", table, re.M) and re.search(r"^grad\s.*\sn/a$", table, re.M)
+
+    del summary["trust"]
+    text = R.render_report(typed(summary), tmp_path)
+    assert "Trust analysis: not recorded." in text
+    assert "trust: not recorded" in R.format_summary_table(typed(summary))
+
+
+def test_a_plain_dict_is_refused_with_the_fix(tmp_path: Path) -> None:
+    summary, arrays = synthetic()
+    fix = r"RunSummary, not a dict: read summary.json with RunSummary\.from_json"
+    for call in (lambda: P.make_plots(summary, arrays, tmp_path), lambda: R.render_report(summary, tmp_path),
+                 lambda: R.format_summary_table(summary)):
+        with pytest.raises(TypeError, match=fix):
+            call()
+
+
+def test_inspect_reads_a_gzipped_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deltaH.cli import main
+
+    summary, _ = synthetic()
+    summary["kernel"] = {"method": "exact", "mean_same": None, "mean_diff": -4.5, "abs_same": None,
+                         "abs_diff": 1202.0, "n_same": 0, "n_diff": 16384}
+    (tmp_path / "progress.json").write_text(json.dumps({"status": "complete", "done": ["report"]}))
+    (tmp_path / "summary.json.gz").write_bytes(gzip.compress(json.dumps(summary).encode()))
+    assert main(["-q", "inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out == R.format_summary_table(typed(summary)) + "\n"
+    assert "kernel: done" in out and "status: complete" in out
+
+
+def test_summary_written_without_matplotlib_says_plots_were_skipped(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    from deltaH.config import load_config
+    from deltaH.io.results import ResultsDir
+    from deltaH.runner.write import write_summary_and_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rd = ResultsDir.create(tmp_path, tmp_path / "run")
+    summary = typed(synthetic()[0])
+    written = write_summary_and_report(rd, load_config("configs/toy.yaml"), summary)
+    line = "plots skipped: deltaH plots need matplotlib: pip install matplotlib"
+    assert written.warnings == [*summary.warnings, line] and line not in summary.warnings  # frozen: a copy
+    assert rd.read_json("summary.json")["warnings"][-1] == line
+    text = (rd.path / "report.md").read_text(encoding="utf-8")
+    assert f"- {line}" in text and "![" not in text
