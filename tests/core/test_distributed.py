@@ -79,6 +79,9 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
     try:
         lo, hi = SPLIT[rank]
         torch.save(_run(tmp, slice(lo, hi)), tmp / f"rank{rank}.pt")
+        # Tear down together: a gloo rank that exits while its peer still talks to it can abort
+        # ("terminate called without an active exception"), seen once on a loaded 2-core machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
