@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 # The toy's matrices are tiny: threads gain nothing, and on a busy 2-core machine torch's default two
-# threads wait on each other (the same demo took 161 s with 2 threads, 23 s with 1, side by side).
+# threads wait on each other (the same demo took 161 s with 2 threads, 23 s with 1, side by side;
+# on a quiet machine 15.2 s with 2 threads, 16.0 s with 1).
 DEMO_THREADS ?= 1
 
 demo: setup
