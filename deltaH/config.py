@@ -113,6 +113,10 @@ class CheckpointConfig:
     max_grad_norm: float | None = _opt(1.0, (
         "The trainer's gradient clipping norm (TrainingArguments.max_grad_norm; training_args.bin is "
         "never unpickled, so state it here); null = no clipping"), _number(0, lo_open=True, nullable=True))
+    optimizer: str = _opt("saved", (
+        "saved (the trainer's optimizer.pt: the step it would really take) or fresh (weights only: the "
+        "first step of a new AdamW with betas (0.9, 0.999), eps 1e-8, weight decay 0, as the HF "
+        "Trainer's defaults; needs a numeric eta.reference)"), _choice("saved", "fresh"))
 
     def __post_init__(self) -> None:
         _validate(self, "checkpoint")
@@ -340,6 +344,9 @@ class Config:
         if n_u % self.loss.grad_accum_steps:
             raise _error("loss.grad_accum_steps", self.loss.grad_accum_steps,
                          f"a divisor of update_batch.n_prompts * update_batch.group_size ({n_u})")
+        if self.checkpoint.optimizer == "fresh" and self.eta.reference == "lr":
+            raise _error("eta.reference", "lr", "a number (the learning rate of the step) when "
+                         "checkpoint.optimizer is fresh: a fresh optimizer has no saved lr")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Config:

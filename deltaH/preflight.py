@@ -26,11 +26,13 @@ def preflight(cfg: Config, paths: Sequence[str]) -> None:
     if cfg.checkpoint.device != "auto":
         check_device(cfg.checkpoint.device)
     for p in paths:
-        _, base = check_checkpoint(p, base_model=cfg.checkpoint.base_model, optimizer=True)
-        if not (Path(p) / "optimizer.pt").is_file():
+        saved = cfg.checkpoint.optimizer == "saved"
+        _, base = check_checkpoint(p, base_model=cfg.checkpoint.base_model, optimizer=saved)
+        if saved and not (Path(p) / "optimizer.pt").is_file():
             raise CheckpointError(
                 f"checkpoint {p} has no optimizer state (optimizer.pt): deltaH needs it to rebuild the AdamW "
-                "step; point checkpoint.path at a trainer checkpoint-N folder"
+                "step; point checkpoint.path at a trainer checkpoint-N folder, or set "
+                "checkpoint.optimizer=fresh (and a numeric eta.reference) for the first step of a new AdamW"
             )
         if tokenizer_folder([p] + ([base] if base else [])) is None:
             raise CheckpointError(

@@ -317,7 +317,8 @@ def check_checkpoint(path: str | os.PathLike[str], *, base_model: str | os.PathL
             raise NotFoundError(
                 f"{folder} is a trainer checkpoint without {_OPTIMIZER} (saved with save_only_model=True?); "
                 "deltaH rebuilds the AdamW step from it: point checkpoint.path at a checkpoint saved with "
-                "its optimizer state (API: pass optimizer=False to load the weights alone)."
+                "its optimizer state, or set checkpoint.optimizer=fresh for the first step of a new AdamW "
+                "(API: pass optimizer=False to load the weights alone)."
             )
         check_torch_archive(folder / _OPTIMIZER)
     return kind, base

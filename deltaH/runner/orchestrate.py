@@ -7,6 +7,7 @@ reads, so ``--resume`` recomputes only what did not finish.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import time
@@ -36,7 +37,10 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         (),
     ),
     "theta_stats": ((), ("batches",)),
-    "directions": (("loss", "checkpoint.max_grad_norm", "eta.reference"), ("batches",)),
+    "directions": (
+        ("loss", "checkpoint.max_grad_norm", "checkpoint.optimizer", "eta.reference"),
+        ("batches",),
+    ),
     "first_order": (("analyses.entropy_mode",), ("directions", "theta_stats")),
     "eta_grid": (("eta",), ("first_order",)),
     "true_sweep": ((), ("eta_grid",)),
@@ -107,8 +111,11 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         dtype=None if cfg.checkpoint.dtype == "auto" else getattr(torch, cfg.checkpoint.dtype),
         device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
         max_grad_norm=cfg.checkpoint.max_grad_norm,
+        optimizer=cfg.checkpoint.optimizer == "saved",
     )
-    if ckpt.optimizer_state is None:
+    if cfg.checkpoint.optimizer == "fresh":
+        ckpt = dataclasses.replace(ckpt, optimizer_state=fresh_adamw(ckpt.model, float(cfg.eta.reference)))
+    elif ckpt.optimizer_state is None:
         raise CheckpointError(
             f"checkpoint {ckpt_path} has no optimizer state (optimizer.pt): deltaH needs it to rebuild "
             "the AdamW step; point checkpoint.path at a trainer checkpoint-N folder"
@@ -144,6 +151,16 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         seeds=st.Seeds.of(cfg.seed),
         quiet=quiet,
     )
+
+
+def fresh_adamw(model: torch.nn.Module, lr: float) -> Any:
+    """The state of a new ``torch.optim.AdamW`` over the trainable parameters, with the HF Trainer's
+    defaults (betas (0.9, 0.999), eps 1e-8, weight decay 0): every parameter at step 0, zero moments."""
+    from deltaH.updates.adamw import AdamWState
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return AdamWState.from_optimizer(opt, model)
 
 
 def analyse_checkpoint(

@@ -119,6 +119,7 @@ class Directions:
 
     update: UpdateDirections
     eta_ref: float
+    fresh: bool = False
 
     @property
     def stacked(self) -> dict[str, Tensor]:
@@ -126,12 +127,18 @@ class Directions:
 
     @property
     def warnings(self) -> list[str]:
-        if len(set(self.update.lr.values())) <= 1:
-            return []
-        return [
-            "parameter groups have different learning rates: directions are per unit of each "
-            f"group's lr and η_ref = {self.eta_ref:g} reproduces the real step only for that group"
-        ]
+        out = []
+        if self.fresh:
+            out.append(
+                "checkpoint.optimizer is fresh: the step is the first one of a new AdamW (betas 0.9, "
+                "0.999, eps 1e-8, no weight decay), not the step the trainer's saved optimizer would take"
+            )
+        if len(set(self.update.lr.values())) > 1:
+            out.append(
+                "parameter groups have different learning rates: directions are per unit of each "
+                f"group's lr and η_ref = {self.eta_ref:g} reproduces the real step only for that group"
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
         on_progress=progress_bar("per-sequence gradients of U", inp.quiet, "seq"),
     )
     eta_ref = ud.lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
-    return Directions(ud, eta_ref)
+    return Directions(ud, eta_ref, fresh=cfg.checkpoint.optimizer == "fresh")
 
 
 def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:

@@ -456,3 +456,51 @@ def test_inspect_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.Captu
     rd = ResultsDir.create(tmp_path, tmp_path / "running")
     assert main(["inspect", str(rd.path)]) == 2
     assert "no summary.json yet (status: running)" in capsys.readouterr().err
+
+
+# -- checkpoint.optimizer: fresh (weights only) ------------------------------------------------------
+
+
+def test_weights_without_optimizer_state_say_how_to_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_copy: Path, no_model_load: None
+) -> None:
+    (toy_copy / "optimizer.pt").unlink()
+    rc, err, out = _cli(tmp_path, capsys, f"checkpoint.path={toy_copy}")
+    _one_line_error(rc, err, out, "optimizer.pt", "checkpoint.optimizer=fresh")
+    rc, err, out = _cli(tmp_path, capsys, f"checkpoint.path={toy_copy}", "checkpoint.optimizer=fresh")
+    _one_line_error(rc, err, out, "eta.reference")  # a fresh optimizer has no saved lr
+
+
+def test_fresh_optimizer_runs_the_first_step_of_a_new_adamw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_copy: Path
+) -> None:
+    (toy_copy / "optimizer.pt").unlink()
+    rc, err, out = _cli(tmp_path, capsys, f"checkpoint.path={toy_copy}", "checkpoint.optimizer=fresh",
+                        "eta.reference=0.001", "analyses.influence=false", "output.plots=false")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["eta_reference"] == 0.001 and s["update"]["lr_ref"] == 0.001
+    assert any("first one of a new AdamW" in w for w in s["warnings"])
+    assert "first one of a new AdamW" in (out / "report.md").read_text()
+
+
+def test_fresh_adamw_is_torchs_first_step() -> None:
+    from conftest import tiny_qwen2, with_lora
+
+    from deltaH.runner.orchestrate import fresh_adamw
+    from deltaH.updates.adamw import adamw_step
+
+    model = with_lora(tiny_qwen2(dtype=torch.float32))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state = fresh_adamw(model, lr=1e-3)
+    assert state.fresh == frozenset(named) and all(v == 0 for v in state.step.values())
+    g = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(p.shape, generator=g) for n, p in named.items()}
+    delta, _ = adamw_step({n: p.detach() for n, p in named.items()}, grads, state)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opt = torch.optim.AdamW(list(named.values()), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for n, p in named.items():
+        p.grad = grads[n].clone()
+    opt.step()
+    for n, p in named.items():
+        torch.testing.assert_close(before[n] + delta[n], p.detach(), rtol=0, atol=1e-7)  # float32 ulps
