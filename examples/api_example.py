@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import deltaH as dh
 
 
-def main() -> None:
+def main() -> dh.TrueDeltaH:
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=64,
@@ -29,23 +29,11 @@ def main() -> None:
     # top_p < 1 makes ΔH(η) jump wherever a step moves a nucleus boundary; p = 1 keeps it smooth here.
     policy = dh.SamplingPolicy(temperature=0.8, top_p=1.0)
 
-    # A small evaluation batch sampled from q itself (plain loop; the batched sampler comes later).
-    n, prompt_len, new = 32, 4, 12
+    # A small evaluation batch drawn from q itself: 8 random prompts × 4 responses, token 0 as EOS.
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 64, (n, prompt_len), generator=gen)
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=ids).logits[:, -1]
-            keep = policy.nucleus_mask(logits)
-            z = logits / policy.temperature
-            if keep is not None:
-                z = z.masked_fill(~keep, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(z, -1), 1, generator=gen)
-            ids = torch.cat([ids, nxt], dim=1)
-    attn = torch.ones_like(ids, dtype=torch.bool)
-    resp = attn.clone()
-    resp[:, :prompt_len] = False
-    batch = dh.SequenceBatch(ids, attn, resp)
+    prompts = torch.randint(1, 64, (8, 4), generator=gen).tolist()
+    batch = dh.sample(lm, lm.params, prompts, policy=policy, max_new_tokens=12, n_per_prompt=4,
+                      eos_token_id=0, pad_token_id=0, generator=gen)
 
     names = [k for k in lm.params if "mlp" in k][:6]
     dirs = {k: torch.randn(4, *lm.params[k].shape, generator=gen) for k in names}
@@ -59,6 +47,7 @@ def main() -> None:
         f"ESS at largest eta: {[round(float(x), 1) for x in res.ess[-1]]}; k̂: "
         f"{[round(float(x), 2) for x in res.khat[-1]]} (threshold {res.khat_threshold:.2f})"
     )
+    return res
 
 
 if __name__ == "__main__":

@@ -76,3 +76,12 @@ def test_unstacked_direction_error_says_what_is_expected(api_toy: dict) -> None:
     with pytest.raises(ValueError, match=rf"expected shape \(K, {shape}\)\. For one direction use "
                                          r"delta_h_true\(\.\.\.\).*UpdateDirections\.stacked\(\)"):
         ns["dh"].delta_h_true_multi(lm.params, ud.full, ns["batch"], lm=lm, policy=ns["policy"], eta=1e-3)
+
+
+def test_api_example_runs_on_a_model_built_in_code(capsys: pytest.CaptureFixture[str]) -> None:
+    res = runpy.run_path(str(ROOT / "examples" / "api_example.py"))["main"]()
+    out = capsys.readouterr().out
+    assert res.delta_h.shape == (4, 4) and bool(torch.isfinite(res.delta_h).all())
+    # ΔH shrinks with η along each direction (the sweep is in the linear regime at these steps)
+    assert bool((res.delta_h[0].abs() < res.delta_h[-1].abs()).all())
+    assert "H(θ) per sequence" in out and "ESS at largest eta" in out
