@@ -213,3 +213,14 @@ def build_batch(rows: list[tuple[list[int], list[int]]], side: str = "right", pa
         am[i, s : s + n] = True
         rm[i, s + len(p) : s + n] = True
     return SequenceBatch(ids, am, rm)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: with other processes on the 2 cores, OpenMP
+    hand-offs cost more than the math (measured: 150 s instead of 12 s for test_integrations at load 3)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

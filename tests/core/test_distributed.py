@@ -28,13 +28,7 @@ ETAS = [0.0, 0.05, 0.3]
 POLICY = dict(temperature=0.9, top_p=0.9, topk_prefix=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: with other processes on the cores, OpenMP hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _problem(tmp: Path) -> None:

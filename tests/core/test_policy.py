@@ -22,13 +22,7 @@ PS = (0.05, 0.3, 0.5, 0.9, 0.95, 0.999)
 TAUS = (0.25, 0.7, 1.0, 2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: with other processes on the cores, OpenMP hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def assert_rows_close(got: torch.Tensor, want: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> None:

@@ -26,13 +26,7 @@ EOS = 3
 POLICIES = [(1.0, 1.0, 64), (0.7, 0.9, 64), (1.3, 0.8, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: with other processes on the cores, OpenMP hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _prompts(g: torch.Generator, n: int, vocab: int = 32) -> list[list[int]]:

@@ -45,12 +45,7 @@ FD_REL = 5e-5
 FD2_REL = 2e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, rel: float = FO_REL) -> None:

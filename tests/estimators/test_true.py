@@ -31,13 +31,7 @@ from deltaH.stats import chunks_of, stats_of_chunks
 EOS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: with other processes on the cores, OpenMP hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, **kw: float) -> None:

@@ -34,14 +34,7 @@ PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
 RTOL, ATOL = 3e-5, 1e-7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """One torch thread for these tiny-model training runs: with two, a busy machine makes the many
-    small ops wait on each other (measured: 150 s instead of 12 s for this file at load 3 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _refs import ref_row_grads
+from _refs import ref_row_grads, trainable
 from conftest import tiny_qwen2, with_lora
 from test_losses import completion_logps, random_update_batch, trl_micro_batch_loss
 
@@ -34,16 +34,7 @@ GRAD_RTOL = 1e-9
 STEP_REL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _close_step(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -79,7 +70,7 @@ def trl_backward(
 
 
 def make_optimizer(model: torch.nn.Module, two_groups: bool) -> torch.optim.AdamW:
-    named = _trainable(model)
+    named = trainable(model)
     if not two_groups:
         return torch.optim.AdamW(list(named.values()), lr=2e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     a = [p for n, p in named.items() if "lora_A" in n]
@@ -110,9 +101,9 @@ def warmed_up(two_groups: bool = False, seed: int = 0) -> tuple[torch.nn.Module,
 def real_step(model, opt, prompts, completions, adv, loss_type, grad_accum, clip_frac):
     """θ before, and the accumulated gradients in ``.grad``; ``max_norm = clip_frac × ‖g‖`` (None: no
     clipping). Returns (θ before, max_norm, ‖g‖)."""
-    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    before = {n: p.detach().clone() for n, p in trainable(model).items()}
     trl_backward(model, prompts, completions, adv, loss_type, grad_accum)
-    norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in _trainable(model).values())))
+    norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainable(model).values())))
     max_norm = None if clip_frac is None else clip_frac * norm
     return before, max_norm, norm
 
@@ -170,7 +161,7 @@ def test_directions_match_the_real_adamw_step(loss_type: str, grad_accum: int, c
         batch.n_tokens, adv, loss_type=loss_type, grad_accum_steps=grad_accum, max_completion_length=LMAX
     )
     torch.testing.assert_close(dirs.coef, coef, rtol=1e-14, atol=0)
-    for n, p in _trainable(model).items():
+    for n, p in trainable(model).items():
         delta = p.detach() - before[n]
         assert delta.abs().max() > 1e-4
         _close_step(dirs.full[n] * lr, delta)
@@ -227,7 +218,7 @@ def test_two_param_groups_use_their_own_lr() -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     opt.step()
     n_b = 0
-    for n, p in _trainable(model).items():
+    for n, p in trainable(model).items():
         lr = 3e-3 if "lora_B" in n else 2e-2
         n_b += "lora_B" in n
         assert dirs.lr[n] == lr

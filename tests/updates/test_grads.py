@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _refs import ref_row_grads
+from _refs import ref_row_grads, trainable
 from conftest import build_batch, tiny_llama, tiny_qwen2, with_lora
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,16 +28,7 @@ TAU = 0.7
 RTOL = 1e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _close_tree(got: dict, ref: dict, rtol: float = RTOL, atol: float = 1e-9) -> None:
@@ -115,7 +106,7 @@ def test_weighted_sum_equals_ordinary_backward(cases: dict[str, Case], which: st
 
     batch = build_batch(c.rows, side="right", pad=2)  # right padding: no fully-masked attention rows
     am = batch.attention_mask
-    params = _trainable(c.model)
+    params = trainable(c.model)
     for p in params.values():
         p.grad = None
     logits = c.model(
