@@ -9,6 +9,7 @@ reloads finished stages instead of recomputing them. The orchestrator is
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -121,8 +122,9 @@ class Directions:
     eta_ref: float
     fresh: bool = False
 
-    @property
+    @functools.cached_property
     def stacked(self) -> dict[str, Tensor]:
+        """The four decompositions ``[4, ...]``, stacked once and shared by every stage that sweeps them."""
         return self.update.stacked()
 
     @property
