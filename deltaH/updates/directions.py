@@ -15,6 +15,7 @@ value → directions per unit learning rate (``u = Δθ/lr``), so ``η = lr`` re
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -97,14 +98,37 @@ def update_directions(
         lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk, on_progress=on_progress
     )
     per_seq = {n: g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
-    dec = adamw_decompose(params, per_seq, state, max_grad_norm=max_grad_norm)
-    comps = unit_lr(dec.components, state)
+    return directions_from_grads(params, per_seq, state, coef=coef, max_grad_norm=max_grad_norm)
+
+
+def directions_from_grads(
+    params: Mapping[str, Tensor],
+    per_seq: Mapping[str, Tensor],
+    state: AdamWState,
+    *,
+    coef: Tensor,
+    max_grad_norm: float | None = None,
+) -> UpdateDirections:
+    """The AdamW step of the per-sequence loss gradients ``per_seq`` (``[M, *s]`` per name, the
+    gradient of sequence ``i``'s share of the loss) as directions per unit lr.
+
+    A parameter whose group has ``lr = 0`` (the last step of a linear schedule) still has a
+    direction per unit lr, ``−λθ − m′/D``: it is computed directly (the step with lr 1), since the
+    real step is zero and cannot be divided by its lr. ``lr_ref`` is then 0 and the caller picks η.
+    """
+    zero = {n for n in per_seq if state.hyper[n].lr == 0.0}
+    st = state
+    if zero:  # D does not depend on lr: the step with lr = 1 is the direction per unit lr
+        hyper = {n: (h._replace(lr=1.0) if n in zero else h) for n, h in state.hyper.items()}
+        st = dataclasses.replace(state, hyper=hyper)
+    dec = adamw_decompose(params, per_seq, st, max_grad_norm=max_grad_norm)
+    comps = unit_lr(dec.components, st)
     grad_sum = {n: c.sum(0) for n, c in comps.items()}
     lrs = {n: float(state.hyper[n].lr) for n in dec.full}
     lr_ref = Counter(lrs.values()).most_common(1)[0][0]
     return UpdateDirections(
-        full=unit_lr(dec.full, state),
-        baseline=unit_lr(dec.baseline, state),
+        full=unit_lr(dec.full, st),
+        baseline=unit_lr(dec.baseline, st),
         grad=grad_sum,
         components=comps,
         coef=coef,

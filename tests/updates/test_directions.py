@@ -269,3 +269,26 @@ def test_errors_happen_before_any_gradient(no_grads: None) -> None:
     # the valid call reaches the gradient (and the patched function)
     with pytest.raises(AssertionError, match="was called"):
         update_directions(lm, lm.params, batch, adv, state)
+
+
+def test_zero_lr_still_has_a_direction_per_unit_lr() -> None:
+    """The last step of a linear schedule has lr = 0: the real step is zero, but the direction per
+    unit lr (``−λθ − m′/D``, independent of lr) exists and equals the one of the same state at any
+    lr > 0 (only the rounding of ``θ + lr·u`` differs: STEP_REL of the direction)."""
+    model, opt = warmed_up()
+    prompts, completions = random_update_batch(6, seed=7)
+    adv = advantages(torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.9, 0.4]]), "group").flatten()
+    batch = _batch(prompts, completions)
+    lm = dh.FunctionalLM.from_model(model)
+    kw = {"loss_type": "dapo", "temperature": TAU, "max_grad_norm": 0.5}
+    got = {}
+    for lr in (0.0, 2e-2):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        state = AdamWState.from_optimizer(opt, model)
+        got[lr] = update_directions(lm, lm.params, batch, adv, state, **kw)
+    assert got[0.0].lr_ref == 0.0 and got[2e-2].lr_ref == 2e-2
+    for n in got[0.0].full:
+        for part in ("full", "baseline", "grad", "components"):
+            _close_step(getattr(got[0.0], part)[n], getattr(got[2e-2], part)[n])
+    _check_decomposition(got[0.0])
