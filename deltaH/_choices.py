@@ -12,6 +12,9 @@ from typing import Literal, get_args
 
 from deltaH.errors import ArgumentError
 
+#: ``update_batch.source``: where the update batch U comes from (:mod:`deltaH.runner.stages`).
+UPDATE_SOURCES = ("auto", "recorded", "sample", "file")
+
 #: ``loss.type``: the trainer's loss normalisation (:mod:`deltaH.updates.losses`).
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 

@@ -37,6 +37,7 @@ from deltaH._choices import (
     LOSS_TYPES,
     NAMED_TEMPLATES,
     SCALE_REWARDS,
+    UPDATE_SOURCES,
 )
 from deltaH._config_checks import (
     _boolean,
@@ -198,9 +199,19 @@ class UpdateBatchConfig:
     max_resample_attempts: int = _opt(4, (
         "Times a group with all-equal rewards (no gradient) gets fresh responses before it is an error"),
         _number(0, integer=True))
+    source: str = _opt("auto", (
+        "Where U comes from: auto (the step the trainer recorded after this checkpoint when the run has "
+        "one, else sampled), recorded (the trainer's recorded step; an error without one), sample (drawn "
+        "from q here) or file (another trainer's rollouts in update_batch.path)"), _choice(*UPDATE_SOURCES))
+    path: str | None = _opt(None, (
+        "source recorded/auto: the folder of step files (null = deltah-steps beside the checkpoints); "
+        "source file: the rollout file (.jsonl or .parquet)"), _string(nullable=True))
 
     def __post_init__(self) -> None:
         _validate(self, "update_batch")
+        if self.source == "file" and self.path is None:
+            raise _error("update_batch.path", None, "the rollout file (.jsonl or .parquet) when "
+                         "update_batch.source is file")
 
 
 @dataclass(frozen=True)
