@@ -22,6 +22,7 @@ __all__ = ["preflight"]
 def preflight(cfg: Config, paths: Sequence[str]) -> None:
     """Check device, checkpoint folders ``paths``, data and reward of ``cfg``; raise the first problem."""
     from deltaH.io.checkpoint import check_checkpoint, check_device, tokenizer_folder
+    from deltaH.runner.recorded import check_source
 
     if cfg.checkpoint.device != "auto":
         check_device(cfg.checkpoint.device)
@@ -34,6 +35,7 @@ def preflight(cfg: Config, paths: Sequence[str]) -> None:
                 "step; point checkpoint.path at a trainer checkpoint-N folder, or set "
                 "checkpoint.optimizer=fresh (and a numeric eta.reference) for the first step of a new AdamW"
             )
+        check_source(cfg, p)  # update_batch.source recorded/file: the record or rollout file exists
         if tokenizer_folder([p] + ([base] if base else [])) is None:
             raise CheckpointError(
                 f"checkpoint {p} has no tokenizer files (nor has its base model); save the tokenizer beside "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deltaH.io import _report_analyses as analyses
+from deltaH.io import _report_replay as replay
 from deltaH.io import _report_sections as sections
 from deltaH.io._present import DECOMPOSITIONS, require_summary
 from deltaH.io._present import fmt as fmt
@@ -101,6 +102,7 @@ def render_report(summary: RunSummary, run_dir: Path, plots: Sequence[Path] = ()
     title = "# deltaH report" + (f": checkpoint step {step}" if step is not None else "")
     out = [title, ""] + sections.headline(summary, ref) + [""]
     out += sections.setup(summary)
+    out += replay.step(summary)
     out += sections.decomposition(summary, ref) + imgs("delta_h_vs_eta.png")
     out += sections.trust(summary, ref) + imgs("ess_khat.png")
     out += analyses.who(summary, run_dir) + imgs("contributors.png", "influence.png")

@@ -119,7 +119,7 @@ class TrustInfo:
 class TopUpdate:
     row: int = _f("row of the update sequence in batches/update.jsonl")
     delta_h: float = _f("true ΔH along its component ĉ_i at η_ref (column sum of the influence matrix)")
-    reward: float = _f("its reward")
+    reward: float = _f("its reward (null: unknown)")
     advantage: float = _f("its advantage")
     prompt: str | None = _f("its prompt text")
     response: str | None = _f("its response text")
@@ -175,7 +175,7 @@ class UpdateBatchInfo:
     n_prompts: int = _f("prompts B")
     group_size: int = _f("responses per prompt G")
     mean_tokens: float = _f("mean response tokens")
-    mean_reward: float = _f("mean reward")
+    mean_reward: float = _f("mean reward (null: unknown, as in a trainer's recorded batch)")
     resampled_groups: int = _f("groups with all-equal rewards that were redrawn")
 
 
@@ -191,6 +191,41 @@ class UpdateInfo:
     lr_ref: float = _f("the learning rate of the next step (η = lr_ref reproduces it)")
     clip_coef: float = _f("gradient-clipping factor applied: min(1, max_norm / (‖g‖ + 1e-6))")
     grad_norm: float = _f("norm of the full-batch gradient before clipping")
+
+
+@dataclass(frozen=True)
+class StepDirection:
+    name: str = _f("realised (θ_N − θ_{N−1}, read from the next checkpoint), replayed (the recorded step "
+                   "rebuilt) or sampled (the step of a sampled U), policy_gradient / kl (a replayed "
+                   "step's gradient part split into its two terms)")
+    eta: float = _f("the step size it was taken at: 1 for the realised step, the step's lr otherwise")
+    delta_h: float = _f("true ΔH (SNIS) on E, nats per sequence")
+    delta_h_per_token: float = _f("the per-token variant")
+    ess: float = _f("effective sample size of the importance weights")
+    khat: float | None = _f("PSIS k̂ of the weights (null: equal weights)")
+    retained_mass: float = _f("mean unnormalised weight (top-p: q_θ' mass on q_θ's nuclei)")
+    delta_h1: float = _f("δH₁ along it (first order)")
+    delta_h1_se: float = _f("jackknife standard error of δH₁")
+
+
+@dataclass(frozen=True)
+class ReplayInfo:
+    source: str = _f("where U came from: sampled (drawn from q here), recorded (the trainer's recorded "
+                     "step) or file (another trainer's rollouts; update_batch.source)")
+    reason: str = _f("why that source (update_batch.source auto chooses)")
+    step: int | None = _f("the optimizer step U trained: the checkpoint's global step + 1")
+    where: str | None = _f("the step-files folder or rollout file read (null: sampled)")
+    trainer_options: dict[str, Any] | None = _f(
+        "the trainer's loss-relevant options the replay used (null: sampled U, whose loss is loss.*)")
+    clip: dict[str, float] | None = _f(
+        "ratio clipping in the replayed step: low_mean, high_mean, region_mean (fractions of loss tokens, "
+        "as TRL logs them) and max |ratio − 1| (null: sampled U)")
+    next_checkpoint: str | None = _f("the checkpoint saved after that step (null: none, so no realised step)")
+    step_error: float = _f("‖lr·full − (θ_N − θ_{N−1})‖ / ‖θ_N − θ_{N−1}‖: the replay against what "
+                           "happened (≈ 1e-6 for an exact float32 replay; large for a sampled U; null: "
+                           "no next checkpoint)")
+    directions: list[StepDirection] = _f("ΔH on E along the realised step beside the rebuilt one, and the "
+                                         "policy-gradient / KL parts of a replayed step with a KL term")
 
 
 @dataclass(frozen=True)
@@ -220,6 +255,7 @@ class RunSummary:
     influence: InfluenceInfo | None = _f("null: analyses.influence off")
     kernel: KernelInfo | None = _f("null: analyses.kernel off")
     proxy: ProxyInfo | None = _f("null: analyses.proxy off")
+    replay: ReplayInfo = _f("where U came from and, for a step of a run, the step that really happened")
     warnings: list[str] = _f("everything the reader should know before trusting a number")
 
     def to_json(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "batches": (
         ("checkpoint.base_model", "checkpoint.dtype", "data", "policy", "eval_batch", "update_batch", "seed"),
         (),
-    ),
+    ),  # + the checkpoint's fingerprint and the record's (a recorded U)
     "theta_stats": ((), ("batches",)),
     "directions": (
         ("loss", "checkpoint.max_grad_norm", "checkpoint.optimizer", "eta.reference"),
@@ -46,6 +46,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "true_sweep": ((), ("eta_grid",)),
     "second_order": ((), ("eta_grid",)),
     "influence": ((), ("first_order",)),
+    "realised": ((), ("directions", "theta_stats")),
     "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
     "proxy": ((), ("directions",)),
     "diagnostics": ((), ("batches",)),
@@ -58,16 +59,37 @@ def _slice(cfg: dict[str, Any], dotted: str) -> Any:
     return cfg
 
 
-def stage_keys(cfg: Config, ckpt_fingerprint: str) -> dict[str, str]:
-    """Every stage's cache key (see :data:`STAGES`)."""
+def stage_keys(cfg: Config, ckpt_fingerprint: str, files: dict[str, str] | None = None) -> dict[str, str]:
+    """Every stage's cache key (see :data:`STAGES`); ``files`` adds the fingerprints of other inputs
+    by stage (the step record to ``batches``, the next checkpoint to ``realised``)."""
     d = to_jsonable(cfg.to_dict())
     keys: dict[str, str] = {}
     for name, (reads, upstream) in STAGES.items():
         conf = {k: _slice(d, k) for k in reads}
         if name == "batches":
             conf["checkpoint"] = ckpt_fingerprint
+        if files and name in files:
+            conf["files"] = files[name]
         keys[name] = stage_key(name, conf, [keys[u] for u in upstream])
     return keys
+
+
+def source_fingerprints(src: Any) -> dict[str, str]:
+    """Fingerprints of the files a source reads: the step record / rollout file and the next checkpoint."""
+    out = {}
+    if src.where is not None:
+        where = Path(src.where)
+        if where.is_dir() and src.step is not None:
+            out["batches"] = fingerprint_files(sorted(where.glob(f"step-{src.step}.*")))
+        else:
+            out["batches"] = fingerprint(where)
+    if src.next_checkpoint is not None:
+        out["realised"] = fingerprint(src.next_checkpoint)
+    return out
+
+
+def fingerprint_files(files: Sequence[Path]) -> str:
+    return stage_key("files", {str(f.name): [f.stat().st_size, f.stat().st_mtime_ns] for f in files})
 
 
 def resolve_checkpoints(path: str | Sequence[str]) -> list[str]:
@@ -125,6 +147,9 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
             f"checkpoint {ckpt_path} has no tokenizer files; save the tokenizer beside the model"
         )
     lm = FunctionalLM.from_model(ckpt.model)
+    from deltaH.runner.recorded import resolve_update_source
+
+    source = resolve_update_source(cfg, ckpt_path, ckpt.tokenizer)
     data_path = cfg.data.path
     if data_path == "toy":
         from deltaH.toy import toy_prompts_path
@@ -150,6 +175,7 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         policy=SamplingPolicy(cfg.policy.temperature, cfg.policy.top_p),
         seeds=st.Seeds.of(cfg.seed),
         quiet=quiet,
+        source=source,
     )
 
 
@@ -171,7 +197,8 @@ def analyse_checkpoint(
     torch.manual_seed(cfg.seed)
     inp = load_inputs(cfg, ckpt_path, quiet)
     timings["load"] = time.perf_counter() - t0
-    cache, keys = StageCache(rd.path / "cache", on_stage), stage_keys(cfg, fingerprint(ckpt_path))
+    cache = StageCache(rd.path / "cache", on_stage)
+    keys = stage_keys(cfg, fingerprint(ckpt_path), source_fingerprints(inp.source))
 
     def stage(name: str, fn: Callable[[], Any], enabled: bool = True) -> Any:
         if not enabled:
@@ -189,13 +216,19 @@ def analyse_checkpoint(
     grid = stage("eta_grid", lambda: st.eta_grid(cfg, inp, bt, dr, base, fo))
     sw = stage("true_sweep", lambda: st.true_sweep(cfg, inp, bt, dr, base, grid))
     so = stage("second_order", lambda: st.second_order(cfg, inp, bt, dr, base, grid), a.second_order)
+    has_kl = dr.replay is not None and dr.replay.grad_kl is not None
+    real = stage(
+        "realised",
+        lambda: st.realised(cfg, inp, bt, dr, base),
+        inp.source.next_checkpoint is not None or has_kl,
+    )
     inf = stage("influence", lambda: st.influence(cfg, inp, bt, dr, base), a.influence)
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy)
     diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), cfg.output.detail == "debug")
     timings["total"] = time.perf_counter() - t0
 
-    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings)
+    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, real)
     write_batches(rd, cfg, bt, base, diag)
     write_sweep(rd, cfg, grid.etas, sw, fo.slope)
     write_analyses(rd, inf, kern)

@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from deltaH.estimators.true import TrueDeltaH, base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
 from deltaH.io.progress import progress_bar
 from deltaH.policy import SamplingPolicy
+from deltaH.runner.recorded import UpdateSource, recorded_update_batch
 from deltaH.sampling.builders import EvalBatch, UpdateBatch
 from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
 from deltaH.updates.directions import UpdateDirections, update_directions
@@ -74,6 +76,7 @@ class Inputs:
     policy: SamplingPolicy
     seeds: Seeds
     quiet: bool
+    source: UpdateSource = UpdateSource("sampled", None, None, None, "update_batch.source is sample", None)
 
     @property
     def compute_dtype(self) -> str:
@@ -115,12 +118,27 @@ class Batches:
 
 
 @dataclass(frozen=True)
+class ReplayInfo:
+    """What the replay of a recorded step adds to its directions: the gradient part split into the
+    policy-gradient and β·KL terms (per unit lr; ``grad_kl`` None without KL), the ratio-clipping
+    statistics, the per-token loss weights ``[N_U, T]`` and the trainer's options."""
+
+    grad_pg: dict[str, Tensor]
+    grad_kl: dict[str, Tensor] | None
+    clip: dict[str, float]
+    token_weights: Tensor
+    options: dict[str, Any]
+    step: int | None
+
+
+@dataclass(frozen=True)
 class Directions:
     """The AdamW step on U per unit lr, and the reference step size ``eta_ref``."""
 
     update: UpdateDirections
     eta_ref: float
     fresh: bool = False
+    replay: ReplayInfo | None = None
 
     @functools.cached_property
     def stacked(self) -> dict[str, Tensor]:
@@ -165,6 +183,32 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class Realised:
+    """The step that really happened, ``θ_N − θ_{N−1}`` (checkpoint ``N`` minus this one), measured
+    on E beside the step deltaH rebuilt, and a replayed step's policy-gradient and KL parts.
+
+    ``names[k]`` (``realised``, ``replayed`` or ``sampled``, ``policy_gradient``, ``kl``: those that
+    apply) was taken as the direction ``η·d`` with ``η = eta[k]`` (1 for the realised step; the
+    step's lr for the others). Every field is ``[K]``: true ΔH (SNIS) and its diagnostics, and δH₁
+    with its standard error. ``step_error``: ``‖lr·full − (θ_N − θ_{N−1})‖ / ‖θ_N − θ_{N−1}‖``
+    (float rounding for an exact replay; large for a sampled U, which is not the trainer's batch).
+    """
+
+    names: list[str]
+    eta: list[float]
+    delta_h: Tensor
+    delta_h_per_token: Tensor
+    ess: Tensor
+    khat: Tensor
+    retained_mass: Tensor
+    first_order: Tensor
+    first_order_se: Tensor
+    step_error: float | None
+    realised_norm: float
+    next_checkpoint: str | None
+
+
+@dataclass(frozen=True)
 class InfluencePair:
     """True and first-order influence matrices at ``eta_ref``."""
 
@@ -188,6 +232,22 @@ def build_batches(cfg: Config, inp: Inputs) -> Batches:
         group_size=cfg.eval_batch.group_size,
         seed=inp.seeds.eval,
     )
+    if inp.source.kind != "sampled":
+        assert inp.source.recorded is not None
+        log.info("update batch: %s", inp.source.reason)
+        ev = build_eval_batch(
+            inp.lm,
+            inp.params,
+            inp.records,
+            inp.tokenizer,
+            **common,
+            total_sequences=cfg.eval_batch.total_sequences,
+            group_size=cfg.eval_batch.group_size,
+            seed=inp.seeds.eval,
+        )
+        return Batches(
+            ev, recorded_update_batch(inp.source.recorded, inp.tokenizer, inp.policy, inp.source.kind)
+        )
     up = build_update_batch(
         inp.lm,
         inp.params,
@@ -212,6 +272,8 @@ def theta_stats(cfg: Config, inp: Inputs, bt: Batches) -> SequenceStats:
 
 
 def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
+    if inp.source.kind != "sampled":
+        return replayed_directions(cfg, inp, bt)
     ud = update_directions(
         inp.lm,
         inp.params,
@@ -228,6 +290,39 @@ def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
     )
     eta_ref = ud.lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
     return Directions(ud, eta_ref, fresh=cfg.checkpoint.optimizer == "fresh")
+
+
+def eta_reference(cfg: Config, inp: Inputs, lr_ref: float) -> float:
+    """η_ref: ``eta.reference`` when numeric, else the step's lr."""
+    return lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
+
+
+def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
+    """The recorded step's directions: the gradient of the trainer's own objective
+    (:func:`deltaH.updates.replay.replay_directions`), rows in the order of ``bt.update``."""
+    from deltaH.updates.replay import replay_directions
+
+    assert inp.source.recorded is not None
+    rep = replay_directions(
+        inp.lm,
+        inp.params,
+        inp.source.recorded,
+        inp.ckpt.optimizer_state,
+        seq_chunk=cfg.compute.seq_chunk,
+        on_progress=progress_bar("per-sequence gradients of the recorded U", inp.quiet, "seq"),
+    )
+    if not torch.equal(rep.batch.input_ids.cpu(), bt.update.batch.input_ids.cpu()):
+        raise AssertionError("the replayed rows and the recorded update batch disagree")  # a bug, not input
+    ud = rep.update
+    info = ReplayInfo(
+        grad_pg=rep.grad_pg,
+        grad_kl=rep.grad_kl,
+        clip={k: float(v) for k, v in rep.clip.items()},
+        token_weights=rep.token_weights.double().cpu(),
+        options=inp.source.recorded[0].options.to_dict(),
+        step=inp.source.step,
+    )
+    return Directions(ud, eta_reference(cfg, inp, ud.lr_ref), replay=info)
 
 
 def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:
@@ -345,6 +440,68 @@ def influence(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: Seque
             on_progress=progress_bar("influence, first order", inp.quiet),
             **inp.kw(cfg),
         ),
+    )
+
+
+def realised(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> Realised | None:
+    """ΔH on E of the step the trainer really took (read from the next checkpoint) beside the
+    rebuilt step at η = lr and, for a replayed step, its policy-gradient and KL parts."""
+    from deltaH.replay import realised_step, step_error, trainable_weights
+
+    nxt = inp.source.next_checkpoint
+    kl = dr.replay is not None and dr.replay.grad_kl is not None
+    if nxt is None and not kl:
+        return None
+    first = next(iter(inp.params.values()))
+    ud, lr = dr.update, dr.update.lr_ref
+    dirs: dict[str, list[Tensor]] = {n: [] for n in inp.params}
+    names: list[str] = []
+    etas: list[float] = []
+    real = None
+    if nxt is not None:
+        log.info("the realised step: %s minus this checkpoint", nxt)
+        after = trainable_weights(
+            Path(nxt), base_model=cfg.checkpoint.base_model, dtype=first.dtype, device=str(first.device)
+        )
+        real = realised_step({n: p.detach() for n, p in inp.params.items()}, after)
+        names.append("realised")
+        etas.append(1.0)
+        for n in inp.params:
+            dirs[n].append(real[n].to(first.dtype))
+    eta_parts = lr if lr > 0 else dr.eta_ref
+    parts = []
+    if real is not None and lr > 0:
+        parts.append(("replayed" if dr.replay is not None else "sampled", ud.full))
+    if kl:
+        assert dr.replay is not None and dr.replay.grad_kl is not None
+        parts += [("policy_gradient", dr.replay.grad_pg), ("kl", dr.replay.grad_kl)]
+    for name, tree in parts:
+        names.append(name)
+        etas.append(eta_parts)
+        for n in inp.params:
+            dirs[n].append(eta_parts * tree[n].to(first.dtype))
+    stacked = {n: torch.stack(v) for n, v in dirs.items()}
+    res = delta_h_true_multi(inp.params, stacked, bt.eval.batch, eta=1.0, base=base, **inp.kw(cfg))
+    fo = delta_h_first_order(
+        inp.params, stacked, bt.eval.batch, eta=1.0, mode="forward", base=base, **inp.kw(cfg)
+    )
+    se = fo.stderr if fo.stderr is not None else torch.full_like(fo.slope, float("nan"))
+    norm = (
+        math.nan if real is None else float(sum(float(t.double().pow(2).sum()) for t in real.values()) ** 0.5)
+    )
+    return Realised(
+        names=names,
+        eta=etas,
+        delta_h=res.delta_h.double().cpu(),
+        delta_h_per_token=res.delta_h_per_token.double().cpu(),
+        ess=res.ess.double().cpu(),
+        khat=res.khat.double().cpu(),
+        retained_mass=res.retained_mass.double().cpu(),
+        first_order=fo.slope.double().cpu(),
+        first_order_se=se.double().cpu(),
+        step_error=step_error(ud.full, lr, real) if real is not None and lr > 0 else None,
+        realised_norm=norm,
+        next_checkpoint=nxt,
     )
 
 

@@ -20,7 +20,7 @@ from deltaH.estimators.influence import CovarianceProxy
 from deltaH.estimators.kernel import kernel_summary
 from deltaH.io import schema as sc
 from deltaH.io.results import to_jsonable
-from deltaH.runner.stages import Batches, Directions, EtaGrid, InfluencePair, Inputs, Sweep
+from deltaH.runner.stages import Batches, Directions, EtaGrid, InfluencePair, Inputs, Realised, Sweep
 from deltaH.updates.directions import DECOMPOSITIONS
 
 
@@ -138,10 +138,10 @@ def batches_summary(cfg: Config, bt: Batches) -> sc.BatchesInfo:
         ),
         update=sc.UpdateBatchInfo(
             len(up),
-            cfg.update_batch.n_prompts,
+            int(up.group.unique().numel()),
             up.group_size,
             float(up.batch.n_tokens.double().mean()),
-            float(up.rewards.double().mean()),
+            float(up.rewards.double().nanmean()) if bool(torch.isfinite(up.rewards).any()) else math.nan,
             bt.n_resampled,
         ),
     )
@@ -172,6 +172,66 @@ def warnings_of(bt: Batches, dr: Directions, grid: EtaGrid, trust: dict[str, Any
     return out + trust_warnings(trust)
 
 
+def replay_summary(inp: Inputs, dr: Directions, real: Realised | None) -> sc.ReplayInfo:
+    src = inp.source
+    dirs = []
+    if real is not None:
+        for k, name in enumerate(real.names):
+            kh = float(real.khat[k])
+            dirs.append(
+                sc.StepDirection(
+                    name,
+                    real.eta[k],
+                    float(real.delta_h[k]),
+                    float(real.delta_h_per_token[k]),
+                    float(real.ess[k]),
+                    None if math.isnan(kh) else kh,
+                    float(real.retained_mass[k]),
+                    float(real.first_order[k]),
+                    float(real.first_order_se[k]),
+                )
+            )
+    return sc.ReplayInfo(
+        source=src.kind,
+        reason=src.reason,
+        step=src.step,
+        where=src.where,
+        trainer_options=None if dr.replay is None else to_jsonable(dr.replay.options),
+        clip=None if dr.replay is None else dict(dr.replay.clip),
+        next_checkpoint=src.next_checkpoint,
+        step_error=math.nan if real is None or real.step_error is None else real.step_error,
+        directions=dirs,
+    )
+
+
+def source_warnings(cfg: Config, inp: Inputs, real: Realised | None) -> list[str]:
+    """What a reader must know about where U came from."""
+    out = []
+    opts = inp.source.options
+    if inp.source.kind == "recorded" and opts is not None:
+        if (opts.temperature, opts.top_p) != (cfg.policy.temperature, cfg.policy.top_p):
+            out.append(
+                f"the trainer sampled with temperature {opts.temperature:g}, top_p {opts.top_p:g} but "
+                f"policy.* measures the entropy of temperature {cfg.policy.temperature:g}, top_p "
+                f"{cfg.policy.top_p:g}: set policy.temperature/top_p to the trainer's to measure its policy"
+            )
+        out.append(
+            "U is the trainer's recorded step: its loss, clipping and KL come from the record "
+            "(replay.trainer_options); the config's loss.* and checkpoint.max_grad_norm do not apply"
+        )
+    if (
+        real is not None
+        and real.step_error is not None
+        and inp.source.kind == "recorded"
+        and real.step_error > 1e-3
+    ):
+        out.append(
+            f"the replayed step differs from the next checkpoint by {real.step_error:.2g} (relative): the "
+            "record, the checkpoints or an option deltaH does not see (dropout? a custom optimizer?) disagree"
+        )
+    return out
+
+
 def summarise(
     cfg: Config,
     inp: Inputs,
@@ -185,6 +245,7 @@ def summarise(
     kern: torch.Tensor | None,
     px: CovarianceProxy | None,
     timings: dict[str, float],
+    real: Realised | None = None,
 ) -> sc.RunSummary:
     """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
     etas = grid.etas
@@ -216,5 +277,6 @@ def summarise(
         influence=influence_summary(inf, bt),
         kernel=kernel,
         proxy=None if px is None else sc.ProxyInfo(**px.__dict__),
-        warnings=warnings_of(bt, dr, grid, trust),
+        replay=replay_summary(inp, dr, real),
+        warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real),
     )

@@ -94,6 +94,10 @@ class EvalBatch(_Drawn):
 class UpdateBatch(_Drawn):
     """``U``: ``N = B_U · G`` sequences, their rewards and advantages (float32 ``[N]``) and provenance.
 
+    ``source``: ``sampled`` (drawn here), ``recorded`` (a trainer's recorded step) or ``file``
+    (another trainer's rollouts); the last two have ``prompt_index`` −1, ``seed`` −1 and NaN rewards
+    unless the record carries them.
+
     ``resampled [B_U]`` counts how many times each group's responses were drawn again because all
     its rewards were equal.
     """
@@ -102,12 +106,14 @@ class UpdateBatch(_Drawn):
     advantages: Tensor
     resampled: Tensor
     scale_rewards: str
+    source: str = "sampled"
 
     def rows(self) -> list[dict[str, Any]]:
-        """One JSON-ready provenance dict per row (with ``reward`` and ``advantage``)."""
+        """One JSON-ready provenance dict per row (with ``reward`` and ``advantage``; a reward the
+        source does not know, as in a trainer's recorded batch, is ``None``)."""
         out = super().rows()
         for d, r, a in zip(out, self.rewards.tolist(), self.advantages.tolist(), strict=True):
-            d.update(reward=r, advantage=a)
+            d.update(reward=None if r != r else r, advantage=a)
         return out
 
 
