@@ -102,6 +102,7 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
     from deltaH.policy import SamplingPolicy
     from deltaH.sampling.data import load_prompts
     from deltaH.sampling.rewards import load_reward_fn
+    from deltaH.updates.directions import reference_lr
 
     log.info("loading checkpoint %s", ckpt_path)
     device = cfg.checkpoint.device
@@ -115,7 +116,8 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
     )
     if cfg.checkpoint.optimizer == "fresh":
         ckpt = dataclasses.replace(ckpt, optimizer_state=fresh_adamw(ckpt.model, float(cfg.eta.reference)))
-    elif ckpt.optimizer_state is None:
+    state = ckpt.optimizer_state
+    if state is None:
         raise CheckpointError(
             f"checkpoint {ckpt_path} has no optimizer state (optimizer.pt): deltaH needs it to rebuild "
             "the AdamW step; point checkpoint.path at a trainer checkpoint-N folder"
@@ -125,6 +127,9 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
             f"checkpoint {ckpt_path} has no tokenizer files; save the tokenizer beside the model"
         )
     lm = FunctionalLM.from_model(ckpt.model)
+    lrs = {n: h.lr for n, h in state.hyper.items() if n in lm.params}
+    if lrs:  # η_ref resolves (the directions stage uses the same rule): fail before any sampling
+        st.eta_reference(cfg.eta.reference, reference_lr(lrs), ckpt.logged_lr, ckpt_path)
     data_path = cfg.data.path
     if data_path == "toy":
         from deltaH.toy import toy_prompts_path
