@@ -239,7 +239,12 @@ def run(
 ) -> Path:
     """Run the plan of ``cfg``; returns the results folder. A complete run given to ``resume`` is
     returned untouched. ``on_stage(name, event)`` sees each stage start and finish ("computed" or
-    "cached")."""
+    "cached").
+
+    Several checkpoints make a study (:func:`deltaH.runner.study.run_study`): a checkpoint that fails
+    is recorded in ``study.json`` and the others go on; the folder then ends with status ``partial``
+    in ``progress.json`` (its ``error`` names the failed checkpoints), and ``resume`` retries only the
+    checkpoints that did not complete. If every checkpoint fails, the first failure is raised."""
     paths = resolve_checkpoints(cfg.checkpoint.path)
     from deltaH.preflight import preflight
 
@@ -249,12 +254,18 @@ def run(
         log.info("%s is already complete: nothing to do", rd.path)
         return rd.path
     rd.set_progress(status="running", error=None)
+    failed: list[str] = []
     with run_guard(rd):  # run.log, status on failure, removal of a folder a failed run left empty
         if len(paths) == 1:
             analyse_checkpoint(cfg, paths[0], rd, quiet, on_stage)
         else:
             from deltaH.runner.study import run_study
 
-            run_study(cfg, paths, rd, quiet, on_stage)
-    rd.set_progress(status="complete", error=None)
+            failed = run_study(cfg, paths, rd, quiet, on_stage)  # each failure logged as it happens
+    if failed:
+        rd.set_progress(status="partial", error=f"{len(failed)} of {len(paths)} checkpoints failed: "
+                        f"{', '.join(failed)} (errors in study.json, tracebacks in run.log); retry them "
+                        "with --resume")
+    else:
+        rd.set_progress(status="complete", error=None)
     return rd.path
