@@ -3,12 +3,15 @@
 Exit codes: 0 success; 2 bad input — a ``deltaH.errors.DeltaHError`` (config, files, arguments) or
 an argparse error: one line ``deltah: error: ...``, no traceback; 1 any other failure, a bug or the
 user's reward function raising: one line ``deltah: failed: ...``, the traceback in the run's
-``run.log`` (or on the console with ``--verbose``); 130 interrupted.
+``run.log`` (or on the console with ``--verbose``); 1 also for a study of several checkpoints some
+of which failed (status ``partial``): one line ``deltah: partial: ...`` naming them and the run
+folder (``--resume`` retries them); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -128,10 +131,20 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)  # validated before any model loads
     from deltaH.runner import run
 
-    path = run(cfg, out=args.out, resume=args.resume, quiet=args.quiet)
+    path = Path(run(cfg, out=args.out, resume=args.resume, quiet=args.quiet))
     print(f"results: {path}")
-    print(f"report:  {Path(path) / 'report.md'}")
-    return 0
+    study = path / "study.json"
+    if not study.is_file():
+        print(f"report:  {path / 'report.md'}")
+        return 0
+    print(f"study:   {study} (a report.md per checkpoint in its sub-folder)")
+    rows = json.loads(study.read_text())["checkpoints"]
+    failed = [r["checkpoint"] for r in rows if r["status"] == "failed"]
+    if not failed:
+        return 0
+    print(f"deltah: partial: {len(failed)} checkpoint(s) failed: {', '.join(failed)} (errors in {study}, "
+          f"tracebacks in {path / 'run.log'}); retry them with 'deltah run --resume {path}'", file=sys.stderr)
+    return 1
 
 
 def _inspect(args: argparse.Namespace) -> int:

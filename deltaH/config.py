@@ -241,8 +241,9 @@ class EtaConfig:
         "numbers (sorted ascending on load)"), _Check("'auto' or a non-empty list of numbers > 0", _grid))
     n_points: int = _opt(9, "Number of η values in the auto grid", _number(3, integer=True))
     reference: str | float = _opt("lr", (
-        "η of the influence matrix, proxies and fits: 'lr' (the checkpoint's next-step learning rate) "
-        "or a positive number"), _Check("'lr' or a number > 0", _reference))
+        "η of the influence matrix, proxies and fits: 'lr' (the checkpoint's next-step learning rate; when "
+        "that is 0, at the end of a schedule, the lr of the step that made the checkpoint, from its "
+        "trainer_state.json log) or a positive number"), _Check("'lr' or a number > 0", _reference))
 
     def __post_init__(self) -> None:
         _validate(self, "eta")

@@ -115,8 +115,22 @@ def setup(summary: RunSummary) -> list[str]:
     eta = as_float_array(summary.eta) if summary.eta else None
     if eta is not None and eta.size:
         out.append(f"- **η grid:** {eta.size} values from {show(np.nanmin(eta))} to {show(np.nanmax(eta))}; "
-                   f"reference η_ref = {show(summary.eta_reference)} (the lr of the next step).")
+                   f"reference η_ref = {show(summary.eta_reference)}{_eta_source(summary)}.")
     return out + [""]
+
+
+ETA_SOURCE_WORDS = {
+    "config": "eta.reference as configured",
+    "checkpoint_lr": "the checkpoint's lr: the lr of the next step",
+    "logged_lr": "the lr of the step that produced the checkpoint, from its trainer_state.json log: the next "
+                 "step's lr is 0 at the end of the schedule",
+}
+
+
+def _eta_source(summary: RunSummary) -> str:
+    """Where η_ref came from, in words (`` (...)``), or nothing for a folder that did not record it."""
+    words = ETA_SOURCE_WORDS.get(summary.eta_reference_source or "")
+    return f" ({words})" if words else ""
 
 
 def _decomposition_row(summary: RunSummary, ref: Ref, name: str, d: Decomposition, top_p: bool,

@@ -77,7 +77,10 @@ class Checkpoint:
     file); ``lr``: the param-group lr at save time — the one the next step uses — or ``None`` when
     there is no optimizer state or its groups disagree (then read ``optimizer_state.hyper``);
     ``max_grad_norm``: as passed to :func:`load_checkpoint` (the file that holds it is a pickle);
-    ``tokenizer``: from the folder, else from a local base-model folder, else ``None``.
+    ``tokenizer``: from the folder, else from a local base-model folder, else ``None``;
+    ``logged_lr``: the ``learning_rate`` of the last ``trainer_state.json`` ``log_history`` entry that
+    has a positive one — the lr of the step that produced a trainer checkpoint (the Trainer logs the lr
+    before its scheduler steps) — or ``None`` (no trainer state, or no such entry).
     """
 
     model: nn.Module
@@ -90,6 +93,7 @@ class Checkpoint:
     global_step: int | None = None
     max_grad_norm: float | None = None
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    logged_lr: float | None = None
 
     @property
     def is_adapter(self) -> bool:
@@ -103,6 +107,7 @@ class Checkpoint:
         out: dict[str, Any] = {
             "path": str(self.path), "kind": self.kind, "weights": "adapter" if self.is_adapter else "full",
             "base_model": self.base_model_path, "global_step": self.global_step, "lr": self.lr,
+            "logged_lr": self.logged_lr,
             "max_grad_norm": self.max_grad_norm,
             "dtype": None if first is None else str(first.dtype).removeprefix("torch."),
             "device": None if first is None else str(first.device),
@@ -230,12 +235,19 @@ def _adapter_info(model: nn.Module) -> dict[str, AdapterInfo]:
     return out
 
 
-def _global_step(folder: Path) -> int | None:
+def _trainer_state(folder: Path) -> tuple[int | None, float | None]:
+    """``global_step`` and the last positive logged ``learning_rate`` of ``trainer_state.json``."""
     path = folder / _TRAINER_STATE
     if not path.is_file():
-        return None
-    step = _read_json(path).get("global_step")
-    return None if step is None else int(step)
+        return None, None
+    state = _read_json(path)
+    step = state.get("global_step")
+    history = state.get("log_history")
+    entries = history if isinstance(history, list) else []
+    lrs = [e.get("learning_rate") for e in entries if isinstance(e, dict)]
+    positive = [float(x) for x in lrs if isinstance(x, int | float) and not isinstance(x, bool)]
+    positive = [x for x in positive if 0 < x < float("inf")]
+    return (None if step is None else int(step)), (positive[-1] if positive else None)
 
 
 def _check_scheduler(folder: Path, group_lrs: list[float]) -> None:
@@ -363,6 +375,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, base_model: str | os.PathLi
         lr = lrs.pop() if len(lrs) == 1 else None
         _check_scheduler(folder, group_lrs)
     tokenizer = _tokenizer([folder] + ([base_path] if base_path else []), trust_remote_code)
+    global_step, logged_lr = _trainer_state(folder)
     return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=state, lr=lr, kind=kind, path=folder,
-                      base_model_path=base_path, global_step=_global_step(folder),
-                      max_grad_norm=max_grad_norm, adapters=_adapter_info(model))
+                      base_model_path=base_path, global_step=global_step, max_grad_norm=max_grad_norm,
+                      adapters=_adapter_info(model), logged_lr=logged_lr)

@@ -149,6 +149,7 @@ def format_summary_table(summary: RunSummary) -> str:
     ref = Ref(summary)
     ck = summary.checkpoint
     grid = "" if ref.exact or ref.eta_j is None else f" (grid {show(ref.eta_j)})"
+    source = f" from {summary.eta_reference_source}" if summary.eta_reference_source else ""
     if summary.trust.per_eta:
         bad = ref.flagged()
         trust = f"  [UNTRUSTED for {', '.join(bad)}]" if bad else "  [trusted]"
@@ -158,7 +159,7 @@ def format_summary_table(summary: RunSummary) -> str:
              f"(step {show(ck.get('global_step'))})",
              f"H_orig = {show(summary.h_orig)} nats/seq ({show(summary.h_orig_per_token)} "
              f"nats/token), entropy_mode {summary.entropy_mode or '?'}",
-             f"eta_ref = {show(ref.eta_ref)}" + grid + trust, ""]
+             f"eta_ref = {show(ref.eta_ref)}" + source + grid + trust, ""]
     header = ["decomposition", "dH", "dH/token", "dH1", "dH1 s.e.", "ESS", "khat", "status"]
     rows = _decomposition_rows(summary, ref)
     w = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -2,7 +2,9 @@
 
 Layout and ``summary.json`` schema: ``docs/results-schema.md``. Every write goes to a temporary
 file first and is renamed into place, so an interrupted run leaves valid files; ``progress.json``
-records which analyses are done so ``--resume`` can skip them. ``run_guard`` wraps a run: its log
+records which analyses are done so ``--resume`` can skip them, and the run's status: ``running``,
+``complete``, ``partial`` (a study of several checkpoints some of which failed; ``--resume`` retries
+them), ``incomplete`` (interrupted) or ``failed``. ``run_guard`` wraps a run: its log
 goes to ``run.log`` (with the traceback of a failure), and a folder that a failed run created but
 wrote no result into never blocks the same ``--out``.
 """
@@ -192,6 +194,25 @@ class ResultsDir:
         return {k: np.load(self.path / "arrays" / v["file"]) for k, v in manifest.items()}
 
 
+def _log_file(path: Path) -> logging.FileHandler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def log_traceback(path: Path, what: str) -> None:
+    """Append ``"<what>: <Type>: <message>"`` and the traceback of the exception being handled to the
+    log file ``path`` only: through the ``deltaH`` logger it would also reach the console's handlers."""
+    exc = sys.exc_info()[1]
+    handler = _log_file(path)
+    logger = logging.getLogger("deltaH")
+    try:
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s: %s: %s",
+                                         (what, type(exc).__name__, exc), sys.exc_info()))
+    finally:
+        handler.close()
+
+
 @contextlib.contextmanager
 def run_guard(rd: ResultsDir) -> Iterator[None]:
     """The edge around a run's work in ``rd``: its log file, its status, and what a failure leaves.
@@ -207,8 +228,7 @@ def run_guard(rd: ResultsDir) -> Iterator[None]:
       one with results are never removed.
     """
     logger = logging.getLogger("deltaH")
-    handler = logging.FileHandler(rd.path / RUN_LOG, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = _log_file(rd.path / RUN_LOG)
     logger.addHandler(handler)
     try:
         yield
@@ -217,11 +237,9 @@ def run_guard(rd: ResultsDir) -> Iterator[None]:
         raise
     except Exception as exc:
         rd.set_progress(status="failed", error=f"{type(exc).__name__}: {exc}")
-        # straight to the file: through the logger it would also reach the console's handlers
-        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run failed: %s: %s",
-                                         (type(exc).__name__, exc), sys.exc_info()))
         logger.removeHandler(handler)
         handler.close()
+        log_traceback(rd.path / RUN_LOG, "run failed")
         if rd.owned and isinstance(exc, DeltaHError) and rd.holds_no_results():
             shutil.rmtree(rd.path, ignore_errors=True)
         else:

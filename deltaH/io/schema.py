@@ -240,8 +240,9 @@ class RunSummary:
     seeds: dict[str, int] = _f("seed of each random draw: seed, eval, update, kernel")
     timings: dict[str, float] = _f("seconds per stage of the run (load, batches, ...), and total")
     checkpoint: dict[str, Any] = _f(
-        "the checkpoint: path, kind, global_step, lr, max_grad_norm (null: no clipping), dtype (of the "
-        "logits), trainable_dtype, n_trainable, adapters, optimizer"
+        "the checkpoint: path, kind, global_step, lr (of the next step), logged_lr (the last positive "
+        "learning_rate in trainer_state.json's log_history, null: none), max_grad_norm (null: no clipping), "
+        "dtype (of the logits), trainable_dtype, n_trainable, adapters, optimizer"
     )
     batches: BatchesInfo = _f("sizes of E and U")
     update: UpdateInfo = _f("the reconstructed AdamW step")
@@ -250,6 +251,12 @@ class RunSummary:
     entropy_mode: str = _f("rb (Rao-Blackwellised) | naive (surprisal)")
     eta: list[float] = _f("the η grid [n_eta]")
     eta_reference: float = _f("η of the influence matrix, proxy and fits")
+    eta_reference_source: str | None = _f(
+        "where eta_reference came from: config (a number in eta.reference) | checkpoint_lr (eta.reference "
+        "lr: the checkpoint's next-step lr) | logged_lr (that lr is 0, the end of a schedule: the last "
+        "positive learning_rate in the checkpoint's trainer_state.json log_history, the lr of the step that "
+        "made it; a warning says so); null: not recorded"
+    )
     decompositions: dict[str, Decomposition] = _f("full, baseline, grad, baseline+grad")
     trust: TrustInfo = _f("which η of the sweep are trustworthy, and why not")
     influence: InfluenceInfo | None = _f("null: analyses.influence off")

@@ -124,6 +124,7 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
     from deltaH.policy import SamplingPolicy
     from deltaH.sampling.data import load_prompts
     from deltaH.sampling.rewards import load_reward_fn
+    from deltaH.updates.directions import reference_lr
 
     log.info("loading checkpoint %s", ckpt_path)
     device = cfg.checkpoint.device
@@ -137,7 +138,8 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
     )
     if cfg.checkpoint.optimizer == "fresh":
         ckpt = dataclasses.replace(ckpt, optimizer_state=fresh_adamw(ckpt.model, float(cfg.eta.reference)))
-    elif ckpt.optimizer_state is None:
+    state = ckpt.optimizer_state
+    if state is None:
         raise CheckpointError(
             f"checkpoint {ckpt_path} has no optimizer state (optimizer.pt): deltaH needs it to rebuild "
             "the AdamW step; point checkpoint.path at a trainer checkpoint-N folder"
@@ -150,6 +152,9 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
     from deltaH.runner.recorded import resolve_update_source
 
     source = resolve_update_source(cfg, ckpt_path, ckpt.tokenizer)
+    lrs = {n: h.lr for n, h in state.hyper.items() if n in lm.params}
+    if lrs:  # η_ref resolves (the directions stage uses the same rule): fail before any sampling
+        st.eta_reference(cfg.eta.reference, reference_lr(lrs), ckpt.logged_lr, ckpt_path)
     data_path = cfg.data.path
     if data_path == "toy":
         from deltaH.toy import toy_prompts_path
@@ -267,7 +272,12 @@ def run(
 ) -> Path:
     """Run the plan of ``cfg``; returns the results folder. A complete run given to ``resume`` is
     returned untouched. ``on_stage(name, event)`` sees each stage start and finish ("computed" or
-    "cached")."""
+    "cached").
+
+    Several checkpoints make a study (:func:`deltaH.runner.study.run_study`): a checkpoint that fails
+    is recorded in ``study.json`` and the others go on; the folder then ends with status ``partial``
+    in ``progress.json`` (its ``error`` names the failed checkpoints), and ``resume`` retries only the
+    checkpoints that did not complete. If every checkpoint fails, the first failure is raised."""
     paths = resolve_checkpoints(cfg.checkpoint.path)
     from deltaH.preflight import preflight
 
@@ -277,12 +287,18 @@ def run(
         log.info("%s is already complete: nothing to do", rd.path)
         return rd.path
     rd.set_progress(status="running", error=None)
+    failed: list[str] = []
     with run_guard(rd):  # run.log, status on failure, removal of a folder a failed run left empty
         if len(paths) == 1:
             analyse_checkpoint(cfg, paths[0], rd, quiet, on_stage)
         else:
             from deltaH.runner.study import run_study
 
-            run_study(cfg, paths, rd, quiet, on_stage)
-    rd.set_progress(status="complete", error=None)
+            failed = run_study(cfg, paths, rd, quiet, on_stage)  # each failure logged as it happens
+    if failed:
+        rd.set_progress(status="partial", error=f"{len(failed)} of {len(paths)} checkpoints failed: "
+                        f"{', '.join(failed)} (errors in study.json, tracebacks in run.log); retry them "
+                        "with --resume")
+    else:
+        rd.set_progress(status="complete", error=None)
     return rd.path

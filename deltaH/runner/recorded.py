@@ -54,12 +54,12 @@ class UpdateSource:
 
 def checkpoint_step(path: str | Path) -> int | None:
     """The global step a checkpoint was saved after: ``trainer_state.json``, else ``checkpoint-N``."""
-    from deltaH.io.checkpoint import _global_step
+    from deltaH.io.checkpoint import _trainer_state
 
     p = Path(path)
     if not p.is_dir():
         return None
-    step = _global_step(p)
+    step = _trainer_state(p)[0]
     if step is None:
         m = _CKPT.match(p.name)
         step = int(m.group(1)) if m else None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from deltaH.analysis import Trust, auto_grid, rounding_noise, trust_range
 from deltaH.config import Config
+from deltaH.errors import ConfigError
 from deltaH.estimators.first_order import FirstOrder, delta_h_first_order
 from deltaH.estimators.influence import CovarianceProxy, Influence, covariance_proxy, influence_matrix
 from deltaH.estimators.kernel import fisher_kernel
@@ -117,6 +118,36 @@ class Batches:
         ]
 
 
+#: Where η_ref comes from (:func:`eta_reference`): a number in ``eta.reference``, the checkpoint's
+#: next-step lr, or the lr of the step that produced the checkpoint (its trainer_state.json log).
+ETA_SOURCES = ("config", "checkpoint_lr", "logged_lr")
+
+
+def eta_reference(
+    reference: str | float, lr: float, logged_lr: float | None, where: str
+) -> tuple[float, str]:
+    """η_ref and its source (one of :data:`ETA_SOURCES`) for ``eta.reference = reference``.
+
+    A number is used as given. ``"lr"`` is the checkpoint's next-step ``lr`` when it is positive; at
+    the end of a linear schedule that lr is 0 (the next step changes nothing), and η_ref is then the
+    last positive lr of the run, ``logged_lr`` (the ``learning_rate`` of the last ``log_history`` entry
+    of the checkpoint's ``trainer_state.json``: the step that produced it). Without one it is a
+    ``ConfigError`` naming ``eta.reference`` (``where`` names the checkpoint).
+    """
+    if reference != "lr":
+        return float(reference), "config"
+    if lr > 0:
+        return lr, "checkpoint_lr"
+    if logged_lr is not None and logged_lr > 0:
+        return logged_lr, "logged_lr"
+    raise ConfigError(
+        f"config key 'eta.reference': 'lr' is the next-step learning rate, but checkpoint {where} has lr = "
+        f"{lr:g} (the end of its schedule) and its trainer_state.json logs no positive learning_rate; set "
+        "eta.reference to a number, e.g. --set eta.reference=1e-5 (the training run's lr)",
+        "eta.reference",
+    )
+
+
 @dataclass(frozen=True)
 class ReplayInfo:
     """What the replay of a recorded step adds to its directions: the gradient part split into the
@@ -133,11 +164,13 @@ class ReplayInfo:
 
 @dataclass(frozen=True)
 class Directions:
-    """The AdamW step on U per unit lr, and the reference step size ``eta_ref``."""
+    """The AdamW step on U per unit lr, and the reference step size ``eta_ref`` (from ``eta_source``,
+    one of :data:`ETA_SOURCES`)."""
 
     update: UpdateDirections
     eta_ref: float
     fresh: bool = False
+    eta_source: str = "checkpoint_lr"
     replay: ReplayInfo | None = None
 
     @functools.cached_property
@@ -146,8 +179,26 @@ class Directions:
         return self.update.stacked()
 
     @property
+    def eta_warning(self) -> str | None:
+        """Why η_ref is not the checkpoint's next-step lr (``None`` when it is)."""
+        lr = self.update.lr_ref
+        if self.eta_source == "logged_lr":
+            return (
+                f"the checkpoint's next-step lr is {lr:g} (the end of its schedule): η_ref = "
+                f"{self.eta_ref:g} is the lr of the step that produced it (its trainer_state.json log), so "
+                "ΔH at η_ref is a step of that size along the next step's direction, not the trainer's next "
+                "step"
+            )
+        if self.eta_source == "config" and not math.isclose(self.eta_ref, lr, rel_tol=1e-9):
+            return (
+                f"η_ref = {self.eta_ref:g} is eta.reference, not the checkpoint's next-step lr ({lr:g}): "
+                "ΔH at η_ref is not the size of the trainer's next step"
+            )
+        return None
+
+    @property
     def warnings(self) -> list[str]:
-        out = []
+        out = [] if self.eta_warning is None else [self.eta_warning]
         if self.fresh:
             out.append(
                 "checkpoint.optimizer is fresh: the step is the first one of a new AdamW (betas 0.9, "
@@ -288,13 +339,11 @@ def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
         seq_chunk=cfg.compute.seq_chunk,
         on_progress=progress_bar("per-sequence gradients of U", inp.quiet, "seq"),
     )
-    eta_ref = ud.lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
-    return Directions(ud, eta_ref, fresh=cfg.checkpoint.optimizer == "fresh")
-
-
-def eta_reference(cfg: Config, inp: Inputs, lr_ref: float) -> float:
-    """η_ref: ``eta.reference`` when numeric, else the step's lr."""
-    return lr_ref if cfg.eta.reference == "lr" else float(cfg.eta.reference)
+    eta_ref, source = eta_reference(cfg.eta.reference, ud.lr_ref, inp.ckpt.logged_lr, str(inp.ckpt.path))
+    dr = Directions(ud, eta_ref, fresh=cfg.checkpoint.optimizer == "fresh", eta_source=source)
+    if dr.eta_warning is not None:
+        log.warning("%s", dr.eta_warning)
+    return dr
 
 
 def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
@@ -322,7 +371,11 @@ def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
         options=inp.source.recorded[0].options.to_dict(),
         step=inp.source.step,
     )
-    return Directions(ud, eta_reference(cfg, inp, ud.lr_ref), replay=info)
+    eta_ref, source = eta_reference(cfg.eta.reference, ud.lr_ref, inp.ckpt.logged_lr, str(inp.ckpt.path))
+    dr = Directions(ud, eta_ref, eta_source=source, replay=info)
+    if dr.eta_warning is not None:
+        log.warning("%s", dr.eta_warning)
+    return dr
 
 
 def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:

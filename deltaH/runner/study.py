@@ -1,4 +1,11 @@
-"""Several checkpoints as one study: one sub-folder each, plus ``study.json`` and a trajectory plot."""
+"""Several checkpoints as one study: one sub-folder each, plus ``study.json`` and a trajectory plot.
+
+Each checkpoint runs in its own guard (:func:`deltaH.io.results.run_guard` on its sub-folder): a
+checkpoint that fails is recorded in ``study.json`` as ``{"checkpoint", "status": "failed", "error"}``
+and in the study's ``run.log`` with its traceback, and the others are analysed all the same. The run
+then ends ``partial`` (:func:`deltaH.runner.orchestrate.run`); ``--resume`` analyses again only the
+checkpoints whose sub-folder is not complete.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from deltaH.config import Config
-from deltaH.io.results import ResultsDir
+from deltaH.io.results import RUN_LOG, ResultsDir, log_traceback, run_guard
 from deltaH.runner.summary import ref_index
 
 log = logging.getLogger(__name__)
@@ -22,33 +29,74 @@ def study_row(ckpt_path: str, s: dict[str, Any]) -> dict[str, Any]:
     first = full["first_order"]
     return {
         "checkpoint": Path(ckpt_path).name,
+        "status": "complete",
         "global_step": s["checkpoint"].get("global_step"),
         "h_orig": s["h_orig"],
+        "eta_reference": s["eta_reference"],
+        "eta_reference_source": s.get("eta_reference_source"),
         "delta_h_ref": full["delta_h"][i],
         "delta_h1_ref": None if first is None else first["delta_h"][i],
     }
 
 
-def run_study(cfg: Config, paths: list[str], rd: ResultsDir, quiet: bool, on_stage: Any = None) -> None:
+def failed_row(ckpt_path: str, exc: Exception) -> dict[str, Any]:
+    """The line of a checkpoint whose analysis raised ``exc``: its error in one line."""
+    text = str(exc).strip()
+    return {
+        "checkpoint": Path(ckpt_path).name,
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {text.splitlines()[0] if text else type(exc).__name__}",
+    }
+
+
+def _sub_folder(rd: ResultsDir, i: int, ckpt_path: str) -> ResultsDir:
+    path = rd.path / f"{i:02d}-{Path(ckpt_path).name}"
+    sub = ResultsDir.open(path) if (path / "progress.json").is_file() else ResultsDir.create(rd.path, path)
+    sub.owned = False  # a failed checkpoint's folder stays, for its run.log and its cache (--resume)
+    return sub
+
+
+def _analyse(cfg: Config, ckpt_path: str, sub: ResultsDir, quiet: bool, on_stage: Any) -> dict[str, Any]:
+    """One checkpoint in its guard (run.log, status); returns its study row."""
     from deltaH.runner.orchestrate import analyse_checkpoint
 
-    rows = []
+    if sub.progress().get("status") != "complete":
+        sub.set_progress(status="running", error=None)
+        with run_guard(sub):
+            analyse_checkpoint(cfg, ckpt_path, sub, quiet, on_stage)
+        sub.set_progress(status="complete", error=None)
+    return study_row(ckpt_path, sub.read_json("summary.json"))
+
+
+def run_study(
+    cfg: Config, paths: list[str], rd: ResultsDir, quiet: bool, on_stage: Any = None
+) -> list[str]:
+    """Analyse each checkpoint of ``paths`` into ``rd/NN-<name>``, write ``study.json`` (one row per
+    checkpoint, in order) and ``plots/trajectory.png`` (the checkpoints that succeeded); returns the
+    names of the checkpoints that failed. If every one failed, the first failure is raised (after
+    ``study.json`` is written), as a run of that checkpoint alone would raise it.
+    """
+    rows: list[dict[str, Any]] = []
+    first_failure: Exception | None = None
     for i, p in enumerate(tqdm(paths, desc="checkpoints", disable=quiet)):
-        sub_path = rd.path / f"{i:02d}-{Path(p).name}"
-        sub = (
-            ResultsDir.open(sub_path)
-            if (sub_path / "progress.json").is_file()
-            else ResultsDir.create(rd.path, sub_path)
-        )
-        if sub.progress().get("status") != "complete":
-            analyse_checkpoint(cfg, p, sub, quiet, on_stage)
-            sub.set_progress(status="complete")
-        rows.append(study_row(p, sub.read_json("summary.json")))
-    rd.write_json("study.json", {"checkpoints": rows})
-    if cfg.output.plots:
+        try:
+            rows.append(_analyse(cfg, p, _sub_folder(rd, i, p), quiet, on_stage))
+        except Exception as exc:  # one checkpoint's failure never discards the others
+            row = failed_row(p, exc)
+            rows.append(row)
+            log_traceback(rd.path / RUN_LOG, f"checkpoint {p} failed")
+            log.warning("checkpoint %s failed (%s); going on with the others", p, row["error"])
+            first_failure = first_failure or exc
+    ok = [r for r in rows if r["status"] == "complete"]
+    failed = [r["checkpoint"] for r in rows if r["status"] == "failed"]
+    rd.write_json("study.json", {"status": "partial" if failed else "complete", "checkpoints": rows})
+    if first_failure is not None and not ok:
+        raise first_failure
+    if cfg.output.plots and ok:
         try:
             from deltaH.io.plots import make_trajectory_plot
 
-            make_trajectory_plot(rows, rd.path / "plots" / "trajectory.png")
+            make_trajectory_plot(ok, rd.path / "plots" / "trajectory.png")
         except ImportError as exc:
             log.warning("trajectory plot skipped: %s", exc)
+    return failed

@@ -272,6 +272,7 @@ def summarise(
         entropy_mode=cfg.analyses.entropy_mode,
         eta=etas,
         eta_reference=dr.eta_ref,
+        eta_reference_source=dr.eta_source,
         decompositions=decompositions(cfg, sw, fo, so, etas, trust),
         trust=sc.TrustInfo.from_json(trust),
         influence=influence_summary(inf, bt),

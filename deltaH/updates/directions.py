@@ -101,6 +101,11 @@ def update_directions(
     return directions_from_grads(params, per_seq, state, coef=coef, max_grad_norm=max_grad_norm)
 
 
+def reference_lr(lrs: Mapping[str, float]) -> float:
+    """The lr most parameters step with (``lrs``: per parameter name): ``UpdateDirections.lr_ref``."""
+    return Counter(lrs.values()).most_common(1)[0][0]
+
+
 def directions_from_grads(
     params: Mapping[str, Tensor],
     per_seq: Mapping[str, Tensor],
@@ -125,7 +130,7 @@ def directions_from_grads(
     comps = unit_lr(dec.components, st)
     grad_sum = {n: c.sum(0) for n, c in comps.items()}
     lrs = {n: float(state.hyper[n].lr) for n in dec.full}
-    lr_ref = Counter(lrs.values()).most_common(1)[0][0]
+    lr_ref = reference_lr(lrs)
     return UpdateDirections(
         full=unit_lr(dec.full, st),
         baseline=unit_lr(dec.baseline, st),

@@ -333,6 +333,23 @@ def test_trainer_folder_without_optimizer(lora_run: Run, tmp_path: Path) -> None
     assert ck.optimizer_state is None and ck.lr is None and ck.global_step == STOP
 
 
+def test_logged_lr_is_the_last_positive_learning_rate_in_the_log(lora_run: Run, tmp_path: Path) -> None:
+    """``trainer_state.json``'s ``log_history``: the lr of the last logged step that moved (entries without
+    a ``learning_rate``, such as the final summary, and zero-lr steps are passed over)."""
+    assert load_checkpoint(lora_run.ckpt, optimizer=False).logged_lr is None  # logging_steps=100: none yet
+    ckpt = _copy(lora_run, tmp_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["log_history"] = [
+        {"step": 1, "learning_rate": 0.0},
+        {"step": 2, "learning_rate": 2e-3, "loss": 1.0},
+        {"step": 3, "learning_rate": 0.0},
+        {"step": 3, "train_runtime": 1.5},
+    ]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    ck = load_checkpoint(ckpt, optimizer=False)
+    assert ck.logged_lr == 2e-3 and ck.describe()["logged_lr"] == 2e-3 and ck.global_step == STOP
+
+
 # ----------------------------------------------------------------------------------------- damaged files
 def _no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **k: object) -> None:
