@@ -312,3 +312,14 @@ def test_unknown_trainer_is_read_without_field_rules(tmp_path: Path) -> None:
     write_step(tmp_path, rec)
     _same(rec, read_step(tmp_path, 1)[0])
     assert os.path.basename(st.STEPS_DIRNAME) == "deltah-steps"
+
+
+def test_docs_page_lists_every_sidecar_key_and_field(tmp_path: Path) -> None:
+    """docs/step-files.md describes what write_step writes: each sidecar key and GRPO field by name."""
+    from deltaH.updates.recorded import MICRO_BATCH_FIELDS, OPTIONAL_FIELDS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "step-files.md").read_text(encoding="utf-8")
+    side = json.loads(write_step(tmp_path, _rec()).read_text())
+    names = [*side, *MICRO_BATCH_FIELDS, *OPTIONAL_FIELDS, *st.SFT_FIELDS]
+    missing = [k for k in names if f"`{k}`" not in doc]
+    assert not missing, f"docs/step-files.md does not name {missing}"
