@@ -352,3 +352,32 @@ def test_unwritable_step_folder_warns_and_training_goes_on(tmp_path: Path) -> No
     assert tr.state.global_step == 2
     assert [str(w.message).split(" to ")[0] for w in caught] == [
         f"deltaH could not write the step file of step {k}" for k in (1, 2)]
+
+
+def test_resumed_run_keeps_the_redone_steps_earlier_files(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Resuming from checkpoint-2 trains step 3 again: the first run's step-3 becomes step-3.prev-1."""
+    from deltaH.integrations import DeltaHTrainerMixin
+
+    class Mine(DeltaHTrainerMixin, Trainer):
+        pass
+
+    def trainer() -> Trainer:
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, report_to=[], use_cpu=True, bf16=False,
+                                 seed=0, save_strategy="steps", save_steps=2, disable_tqdm=True)
+        return Mine(model=tiny_qwen2(dtype=torch.float32).train(), args=args, train_dataset=_Rows())
+
+    trainer().train()
+    steps_dir = tmp_path / "deltah-steps"
+    (first,) = read_step(steps_dir, 3)
+    with caplog.at_level("WARNING", logger="deltaH"):
+        trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "already holds step files 3..3" in caplog.text
+    assert list_steps(steps_dir) == [1, 2, 3]
+    assert sorted(p.name for p in steps_dir.glob("step-3.*")) == [
+        "step-3.json", "step-3.prev-1.json", "step-3.prev-1.safetensors", "step-3.safetensors"]
+    (again,) = read_step(steps_dir, 3)
+    # HF resumes exactly (data order and RNG restored): the re-done step trained on the same batch.
+    for a, b in zip(first.micro_batches, again.micro_batches, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
