@@ -1,4 +1,4 @@
-"""Run every benchmark (core, updates, probe when present) and write JSON under ``--out``."""
+"""Run every benchmark (core, updates, probe and recording when present) and write JSON under ``--out``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import os
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
-        "--out", default="benchmarks/results", help="folder for core.json, updates.json, probe.json"
+        "--out", default="benchmarks/results",
+        help="folder for core.json, updates.json, probe.json, recording.json",
     )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_probe  # type: ignore[attr-defined]
 
         bench_probe.main(["--out", os.path.join(args.out, "probe.json"), *q])
+    if importlib.util.find_spec("benchmarks.bench_recording") is not None:
+        from benchmarks import bench_recording  # type: ignore[attr-defined]
+
+        bench_recording.main(["--out", os.path.join(args.out, "recording.json"), *q])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""TRL ``GRPOTrainer`` support: record the GRPO batch of each optimizer step for the probe.
+"""TRL ``GRPOTrainer`` support: record the GRPO batch of each optimizer step, to disk and for the probe.
 
 Callbacks never see the batch a step trains on. ``GRPOTrainer._prepare_inputs`` returns it, one
 micro-batch at a time (``prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
@@ -6,7 +6,9 @@ micro-batch at a time (``prompt_ids, prompt_mask, completion_ids, completion_mas
 step (all micro-batches of the step, gradient accumulation included) and hands them to every
 :class:`~deltaH.integrations.DeltaHCallback` of the trainer, which then also logs the covariance
 proxy on the step's real batch. Its ``log`` adds the probe's pending metrics to the logs *before*
-any callback runs, so every ``report_to`` integration sees them::
+any callback runs, so every ``report_to`` integration sees them. It also writes every step to
+``<output_dir>/deltah-steps/`` (:mod:`deltaH.io.steps`; ``deltah_record_steps=False`` turns that
+off), with or without the callback::
 
     from trl import GRPOTrainer
     from deltaH.integrations import DeltaHCallback
@@ -24,103 +26,35 @@ or ``make_grpo_trainer_class()`` (``DeltaHGRPOTrainer`` is that class for ``trl.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from deltaH.batch import SequenceBatch
+from deltaH.integrations.recording import StepRecorder, _RecordingMixin
+from deltaH.updates.recorded import MICRO_BATCH_FIELDS, OPTIONAL_FIELDS, RecordedStep, TrainerOptions
 
 __all__ = ["DeltaHGRPOMixin", "RecordedStep", "StepRecorder", "make_grpo_trainer_class"]
 
-_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "tool_mask",
-         "num_items_in_batch")
 _INSTALL = "pip install 'deltaH[trl]'"
 
 
-@dataclass
-class RecordedStep:
-    """The micro-batches (``_prepare_inputs`` outputs, tensors detached) of one optimizer step.
-
-    ``step`` is the Trainer's ``global_step`` after that step (as in its logs and checkpoint names).
-    """
-
-    step: int
-    micro_batches: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def advantages(self) -> Tensor:
-        """``[N_U]`` advantages of every recorded sequence, micro-batches in order."""
-        return torch.cat([mb["advantages"] for mb in self.micro_batches])
-
-    def sequence_batch(self) -> tuple[SequenceBatch, Tensor] | None:
-        """The step's update batch ``U`` as a ``SequenceBatch`` and its advantages ``[N_U]``.
-
-        Rows are ``prompt ⧺ completion`` with the scored tokens those of the loss
-        (``completion_mask``, times ``tool_mask`` when present); rows with none are dropped. None
-        when advantages are per token (``[B, T]``), which the covariance proxy does not take.
-        """
-        rows: list[tuple[Tensor, Tensor, Tensor]] = []
-        advs: list[Tensor] = []
-        for mb in self.micro_batches:
-            adv = mb["advantages"]
-            if adv.dim() != 1:
-                return None
-            pm, cm = mb["prompt_mask"].bool(), mb["completion_mask"].bool()
-            if "tool_mask" in mb and mb["tool_mask"] is not None:
-                cm_scored = cm & mb["tool_mask"].bool()
-            else:
-                cm_scored = cm
-            ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
-            am = torch.cat([pm, cm], 1)
-            rm = torch.cat([torch.zeros_like(pm), cm_scored], 1)
-            keep = rm.any(1)
-            rows.append((ids[keep], am[keep], rm[keep]))
-            advs.append(adv[keep])
-        if not rows or sum(int(r[0].shape[0]) for r in rows) == 0:
-            return None
-        t = max(int(r[0].shape[1]) for r in rows)
-        pad = [tuple(torch.nn.functional.pad(x, (0, t - x.shape[1])) for x in r) for r in rows]
-        ids, am, rm = (torch.cat([p[i] for p in pad]) for i in range(3))
-        return SequenceBatch(ids.long(), am.bool(), rm.bool()), torch.cat(advs)
-
-
-class StepRecorder:
-    """Keeps the micro-batches of the current optimizer step (a new step replaces the old one)."""
-
-    def __init__(self) -> None:
-        self.current: RecordedStep | None = None
-
-    def record(self, step: int, inputs: dict[str, Any]) -> None:
-        if self.current is None or self.current.step != step:
-            self.current = RecordedStep(step)
-        kept = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in inputs.items() if k in _KEYS}
-        self.current.micro_batches.append(kept)
-
-    def take(self, step: int) -> RecordedStep | None:
-        """The recorded micro-batches of ``step`` (the step being taken), or None."""
-        cur = self.current
-        return cur if cur is not None and cur.step == step and cur.micro_batches else None
-
-
-class DeltaHGRPOMixin:
-    """Mixin for TRL's ``GRPOTrainer``: records each step's GRPO batch for ``DeltaHCallback``.
+class DeltaHGRPOMixin(_RecordingMixin):
+    """Mixin for TRL's ``GRPOTrainer``: records each step's GRPO batch, to disk and for ``DeltaHCallback``.
 
     Put it first: ``class MyTrainer(DeltaHGRPOMixin, GRPOTrainer): pass``. It changes nothing the
-    trainer computes: ``_prepare_inputs`` returns its parent's result untouched.
+    trainer computes: ``_prepare_inputs`` returns its parent's result untouched. Each optimizer
+    step is written to ``<output_dir>/deltah-steps/step-<N>.safetensors`` + ``.json``
+    (:mod:`deltaH.io.steps`; one file per rank); ``deltah_record_steps=False`` (constructor keyword
+    or class attribute) turns that off, ``deltah_steps_dir=`` picks another folder. The options
+    (``TrainerOptions``) are the trainer's as the step's first micro-batch is prepared, so
+    ``entropy_coef`` is the one the step applies; ``meta`` adds ``eos_token_id`` (TRL's list),
+    ``pad_token_id``, ``learning_rate``, ``epoch``, ``current_gradient_accumulation_steps``,
+    ``entropy_coef_applied`` (0 when adaptive entropy control gates the bonus off) and ``num_generations``.
     """
+
+    _deltah_fields = MICRO_BATCH_FIELDS + OPTIONAL_FIELDS
 
     state: Any
     model: Any
     callback_handler: Any
-
-    @property
-    def deltah_recorder(self) -> StepRecorder:
-        rec = self.__dict__.get("_deltah_recorder")
-        if rec is None:
-            rec = self.__dict__["_deltah_recorder"] = StepRecorder()
-        return rec
 
     def _deltah_callbacks(self) -> list[Any]:
         from deltaH.integrations.callback import DeltaHCallback
@@ -141,6 +75,63 @@ class DeltaHGRPOMixin:
             for cb in self._deltah_callbacks():
                 logs.update(cb.pop_pending())
         super().log(logs, start_time)  # type: ignore[misc]
+
+    def _deltah_options(self) -> TrainerOptions:
+        a, g = self.args, self.__dict__.get
+        aux = bool(g("aux_loss_enabled", False))
+        return TrainerOptions(
+            trainer="GRPOTrainer", loss_type=g("loss_type", a.loss_type),
+            epsilon_low=g("epsilon_low", a.epsilon), epsilon_high=g("epsilon_high", a.epsilon_high),
+            delta=a.delta, beta=g("beta", a.beta),
+            importance_sampling_level=g("importance_sampling_level", a.importance_sampling_level),
+            scale_rewards=g("scale_rewards", a.scale_rewards),
+            max_completion_length=g("max_completion_length", a.max_completion_length),
+            gradient_accumulation_steps=int(a.gradient_accumulation_steps),
+            steps_per_generation=a.steps_per_generation, num_iterations=g("num_iterations", a.num_iterations),
+            temperature=g("temperature", a.temperature), top_p=g("top_p", a.top_p), top_k=g("top_k", a.top_k),
+            max_grad_norm=a.max_grad_norm,
+            mask_truncated_completions=g("mask_truncated_completions", a.mask_truncated_completions),
+            top_entropy_quantile=g("top_entropy_quantile", a.top_entropy_quantile),
+            use_vllm=g("use_vllm", a.use_vllm),
+            vllm_importance_sampling_correction=g("vllm_importance_sampling_correction",
+                                                  a.vllm_importance_sampling_correction),
+            vllm_importance_sampling_mode=g("vllm_importance_sampling_mode", a.vllm_importance_sampling_mode),
+            vllm_importance_sampling_clip_min=g("vllm_importance_sampling_clip_min",
+                                                a.vllm_importance_sampling_clip_min),
+            vllm_importance_sampling_clip_max=g("vllm_importance_sampling_clip_max",
+                                                a.vllm_importance_sampling_clip_max),
+            off_policy_mask_threshold=g("off_policy_mask_threshold", a.off_policy_mask_threshold),
+            use_bias_correction_kl=a.use_bias_correction_kl, entropy_coef=g("entropy_coef", a.entropy_coef),
+            use_adaptive_entropy=g("use_adaptive_entropy", a.use_adaptive_entropy),
+            cast_lm_head_to_fp32=a.cast_lm_head_to_fp32,
+            sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg,
+            vespo_k_pos=a.vespo_k_pos, vespo_lambda_pos=a.vespo_lambda_pos, vespo_k_neg=a.vespo_k_neg,
+            vespo_lambda_neg=a.vespo_lambda_neg, entropy_target=a.entropy_target,
+            entropy_coef_min=a.entropy_coef_min, entropy_coef_max=a.entropy_coef_max,
+            entropy_coef_delta=a.entropy_coef_delta,
+            router_aux_loss_coef=float(g("router_aux_loss_coef", 0.0) or 0.0) if aux else 0.0,
+            world_size=self._deltah_world_size(),
+            extra={"multi_objective_aggregation": getattr(a, "multi_objective_aggregation", None),
+                   "num_generations": g("num_generations", getattr(a, "num_generations", None)),
+                   "pad_to_multiple_of": getattr(a, "pad_to_multiple_of", None)},
+        )
+
+    def _deltah_meta(self) -> dict[str, Any]:
+        meta = super()._deltah_meta()
+        g = self.__dict__.get
+        eos = g("eos_token_ids")
+        if eos:
+            meta["eos_token_id"] = list(eos) if len(eos) > 1 else eos[0]
+        pad = getattr(g("_tokenizer"), "pad_token_id", None)
+        if pad is not None:
+            meta["pad_token_id"] = pad
+        coef = float(g("entropy_coef", 0.0) or 0.0)
+        last_entropy = g("_last_world_entropy", float("inf"))
+        if g("use_adaptive_entropy", False) and last_entropy > self.args.entropy_target:
+            coef = 0.0
+        meta["entropy_coef_applied"] = coef
+        meta["num_generations"] = g("num_generations")
+        return meta
 
 
 def make_grpo_trainer_class(base: type | None = None) -> type:

@@ -43,8 +43,11 @@ OPTIONAL_FIELDS = ("old_per_token_logps", "sampling_per_token_logps", "importanc
 class TrainerOptions:
     """The trainer arguments the step's loss and update depend on (TRL ``GRPOConfig`` names).
 
-    Defaults are TRL 1.16's. ``extra`` keeps any other recorded argument as provenance.
-    ``world_size``: processes that trained (DDP averages their gradients).
+    Defaults are TRL 1.16's ``GRPOConfig`` defaults (``epsilon_low`` is its ``epsilon``;
+    ``epsilon_high`` defaults to it). ``extra`` keeps any other recorded argument as provenance.
+    ``entropy_coef`` is the coefficient in effect when the step began (it moves between steps with
+    ``use_adaptive_entropy``); ``router_aux_loss_coef`` the weight TRL resolved for a MoE model's
+    auxiliary loss (0: none). ``world_size``: processes that trained (DDP averages their gradients).
     """
 
     trainer: str = "GRPOTrainer"
@@ -55,26 +58,37 @@ class TrainerOptions:
     beta: float = 0.0
     importance_sampling_level: str = "token"
     scale_rewards: str = "group"
-    max_completion_length: int | None = 256
+    max_completion_length: int | None = 512
     gradient_accumulation_steps: int = 1
     steps_per_generation: int | None = None
     num_iterations: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int | None = None
+    top_k: int | None = 0
     max_grad_norm: float | None = 1.0
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
     use_vllm: bool = False
-    vllm_importance_sampling_correction: bool = False
-    vllm_importance_sampling_mode: str | None = None
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str | None = "sequence_mask"
     vllm_importance_sampling_clip_min: float | None = None
-    vllm_importance_sampling_clip_max: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
     off_policy_mask_threshold: float | None = None
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     entropy_coef: float = 0.0
     use_adaptive_entropy: bool = False
     cast_lm_head_to_fp32: bool = False
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    entropy_target: float = 0.2
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    router_aux_loss_coef: float = 0.0
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -381,6 +381,13 @@ def test_grpo_trainer_with_mixin(tmp_path: Path) -> None:
     assert u is not None and len(u[0]) == 8 and torch.equal(u[1], rec.advantages)
     n_loss_tokens = sum(int(mb["completion_mask"].sum()) for mb in rec.micro_batches)
     assert int(u[0].n_tokens.sum()) == n_loss_tokens
+    # With the probe attached, the mixin also wrote every step to disk: the same micro-batches.
+    from deltaH.io.steps import list_steps, read_step
+
+    assert list_steps(out / "deltah-steps") == [1, 2]
+    (on_disk,) = read_step(out / "deltah-steps", 2)
+    for got, want in zip(on_disk.micro_batches, rec.micro_batches, strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     for k in (1, 2):
         want = _offline_delta_h1(out / f"checkpoint-{k - 1}", out / f"checkpoint-{k}", cb, base)
         assert logged[k] == pytest.approx(want, rel=RTOL, abs=ATOL), k
