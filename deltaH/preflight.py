@@ -35,12 +35,13 @@ def preflight(cfg: Config, paths: Sequence[str]) -> None:
                 "step; point checkpoint.path at a trainer checkpoint-N folder, or set "
                 "checkpoint.optimizer=fresh (and a numeric eta.reference) for the first step of a new AdamW"
             )
-        check_source(cfg, p)  # update_batch.source recorded/file: the record or rollout file exists
-        if tokenizer_folder([p] + ([base] if base else [])) is None:
+        tok_dir = tokenizer_folder([p] + ([base] if base else []))
+        if tok_dir is None:
             raise CheckpointError(
                 f"checkpoint {p} has no tokenizer files (nor has its base model); save the tokenizer beside "
                 "the model (tokenizer.save_pretrained)"
             )
+        check_source(cfg, p, tok_dir)  # source recorded/file: the record or rollout file is there
     n_records = _check_data(cfg)
     if cfg.update_batch.n_prompts > n_records:
         raise ConfigError(

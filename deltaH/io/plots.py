@@ -210,13 +210,16 @@ def make_trajectory_plot(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """H, ΔH(η_ref) and δH₁(η_ref) along ``global_step`` for a study of several checkpoints.
 
     ``rows``: ``{"global_step", "h_orig", "delta_h_ref", "delta_h1_ref"}`` (nats per sequence;
-    null values are left out).
+    null values are left out); with ``delta_h_realised`` / ``delta_h_predicted`` / ``delta_h1_predicted``
+    (a run whose next checkpoints exist) a third panel shows predicted vs realised ΔH per step.
     """
     plt = pyplot()
     rows = sorted(rows, key=lambda r: (r.get("global_step") is None, r.get("global_step") or 0))
     step = as_float_array([r.get("global_step") for r in rows])
     assert step is not None
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
+    realised = any(r.get("delta_h_realised") is not None for r in rows)
+    fig, axes = plt.subplots(3 if realised else 2, 1, figsize=(7.5, 9.5 if realised else 6.5), sharex=True)
+    a1, a2 = axes[0], axes[1]
 
     def line(ax: Any, key: str, label: str, **kw: Any) -> None:
         y = as_float_array([r.get(key) for r in rows])
@@ -237,7 +240,17 @@ def make_trajectory_plot(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
     a2.set_ylabel("ΔH at η_ref (nats per sequence)")
     a2.set_xlabel("global_step (trainer step of the checkpoint)")
     a2.set_title("Entropy change of the next optimizer step", fontsize=10)
-    for ax in (a1, a2):
+    if realised:  # per step N (= global_step + 1): what happened vs what deltaH rebuilt
+        a3 = axes[2]
+        line(a3, "delta_h_realised", "realised θ_N − θ_{N−1} (true ΔH)", marker="o", color="#2ca02c")
+        line(a3, "delta_h_predicted", "rebuilt step at η = lr (true ΔH)", marker="x", ls=":", color="#d62728")
+        line(a3, "delta_h1_predicted", "rebuilt step at η = lr (δH₁)", marker="s", ls="--", mfc="white",
+             color="k")
+        a3.axhline(0, color="0.5", lw=0.8)
+        a3.set_ylabel("ΔH of the step (nats per sequence)")
+        a3.set_title("Predicted vs realised entropy change of each step", fontsize=10)
+        a3.set_xlabel("global_step of the checkpoint the step started from")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)

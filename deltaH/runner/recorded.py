@@ -84,8 +84,9 @@ def has_record(sdir: Path, step: int) -> bool:
     return (sdir / f"step-{step}.json").is_file() or (sdir / f"step-{step}.rank0.json").is_file()
 
 
-def check_source(cfg: Config, ckpt_path: str | Path) -> None:
-    """Cheap pre-flight check: ``recorded`` needs the record of the step after the checkpoint."""
+def check_source(cfg: Config, ckpt_path: str | Path, tokenizer_dir: Path | None = None) -> None:
+    """Pre-flight check (no weights load): ``recorded`` needs the record of the step after the
+    checkpoint; ``file`` needs a rollout file that parses (with the tokenizer of ``tokenizer_dir``)."""
     if cfg.update_batch.source == "file":
         p = Path(str(cfg.update_batch.path)).expanduser()
         if not p.is_file():
@@ -93,6 +94,16 @@ def check_source(cfg: Config, ckpt_path: str | Path) -> None:
                 f"config key 'update_batch.path': the rollout file {p} does not exist (update_batch.source "
                 "is file)"
             )
+        from deltaH.io.rollouts import load_rollouts
+
+        tok = None
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        load_rollouts(
+            p, tokenizer=tok, options=options_from_config(cfg), micro_batches=cfg.loss.grad_accum_steps
+        )
         return
     if cfg.update_batch.source != "recorded":
         return
@@ -144,7 +155,7 @@ def resolve_update_source(cfg: Config, ckpt_path: str | Path, tokenizer: Any) ->
 def options_from_config(cfg: Config) -> TrainerOptions:
     """The trainer options a rollout file is replayed with (the config's loss and clipping keys)."""
     return TrainerOptions(
-        trainer="rollouts",
+        trainer="GRPOTrainer",
         loss_type=cfg.loss.type,
         scale_rewards=cfg.update_batch.scale_rewards,
         max_completion_length=cfg.loss.max_completion_length or cfg.policy.max_new_tokens,

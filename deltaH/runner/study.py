@@ -36,6 +36,26 @@ def study_row(ckpt_path: str, s: dict[str, Any]) -> dict[str, Any]:
         "eta_reference_source": s.get("eta_reference_source"),
         "delta_h_ref": full["delta_h"][i],
         "delta_h1_ref": None if first is None else first["delta_h"][i],
+        **step_columns(s),
+    }
+
+
+def step_columns(s: dict[str, Any]) -> dict[str, Any]:
+    """The step after the checkpoint (``step``), where its U came from, and — when the next checkpoint
+    exists — the entropy change that really happened (``delta_h_realised``, the realised step at
+    η = 1) beside the predicted one (``delta_h_predicted``: the rebuilt step at η = lr, true and first
+    order) and the replay error."""
+    rp = s.get("replay") or {}
+    by = {d["name"]: d for d in rp.get("directions") or []}
+    real = by.get("realised") or {}
+    pred = by.get("replayed") or by.get("sampled") or {}
+    return {
+        "step": rp.get("step"),
+        "update_source": rp.get("source"),
+        "delta_h_realised": real.get("delta_h"),
+        "delta_h_predicted": pred.get("delta_h"),
+        "delta_h1_predicted": pred.get("delta_h1"),
+        "step_error": rp.get("step_error"),
     }
 
 
