@@ -103,6 +103,8 @@ def replay_directions(
         for j, mb in enumerate(s.micro_batches):
             _check_micro_batch(mb, f"rank {s.rank} micro-batch {j}", o)
 
+    if any(bool((mb["prompt_mask"] == 0).any()) for s in ranks for mb in s.micro_batches):
+        _check_shift_invariance(lm, params)
     if not any(bool(_loss_mask(mb).any()) for s in ranks for mb in s.micro_batches):
         raise BatchError(
             "the recorded step has no loss token (every completion_mask × tool_mask is zero): "
@@ -214,6 +216,22 @@ def _check_model(lm: FunctionalLM, o: TrainerOptions) -> None:
                 f"trainer option router_aux_loss_coef={coef!r} (from the MoE model's config) is not "
                 "reproduced by deltaH's replay: the load-balancing loss adds to the gradient; supported: 0"
             )
+
+
+def _check_shift_invariance(lm: FunctionalLM, params: Mapping[str, Tensor]) -> None:
+    """TRL's training forward passes no position ids, so HF numbers the left-padded rows from 0 at
+    the first pad; deltaH's forward numbers each row's tokens from 0. Equal for relative (rotary)
+    positions only: a model whose logits change when every position is shifted is refused."""
+    ids = torch.arange(4, device=lm.device).unsqueeze(0) % max(lm.vocab_size, 1)
+    pos = torch.arange(4, device=lm.device).unsqueeze(0)
+    with torch.no_grad():
+        a, b = (lm.head(params, lm.backbone(params, ids, pos + k)).float() for k in (0, 3))
+    if not torch.allclose(a, b, rtol=1e-3, atol=1e-4):
+        raise UnsupportedOptionError(
+            f"{type(lm.model).__name__} uses absolute positions: TRL's training forward shifts them by each "
+            "row's left padding, which deltaH's replay does not reproduce; supported: rotary (relative) "
+            "position models such as Llama or Qwen, or recordings without left padding"
+        )
 
 
 def _check_micro_batch(mb: Mapping[str, Any], where: str, o: TrainerOptions) -> None:

@@ -479,6 +479,22 @@ def test_unsupported_options_are_refused_by_name(kw: dict, match: str) -> None:
         check_supported(o, step)
 
 
+def test_absolute_position_models_are_refused_with_left_padding() -> None:
+    """TRL's forward numbers left-padded rows from the first pad; only relative positions hide that."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                  bos_token_id=1, eos_token_id=1)
+    cfg._attn_implementation = "eager"
+    gpt2 = transformers.GPT2LMHeadModel(cfg).double().eval()
+    lm = dh.FunctionalLM.from_model(gpt2)
+    state = AdamWState.from_optimizer(torch.optim.AdamW(gpt2.parameters()), gpt2)
+    o = replace(BASE, num_iterations=1)
+    mbs = micro_batches(gpt2, o, 2, seed=1)
+    with pytest.raises(dh.UnsupportedOptionError, match="GPT2LMHeadModel uses absolute positions"):
+        replay_directions(lm, lm.params, RecordedStep(step=1, micro_batches=mbs, options=o), state)
+
+
 def test_extra_model_inputs_are_refused() -> None:
     step = RecordedStep(step=1, micro_batches=[{"pixel_values": torch.zeros(1)}], options=BASE)
     with pytest.raises(dh.UnsupportedOptionError, match="pixel_values"):
