@@ -495,6 +495,23 @@ def test_absolute_position_models_are_refused_with_left_padding() -> None:
         replay_directions(lm, lm.params, RecordedStep(step=1, micro_batches=mbs, options=o), state)
 
 
+def test_moe_load_balancing_loss_is_refused() -> None:
+    """TRL adds the router loss when the model returns router logits and its coefficient is not 0
+    (the model config's own, 0.001 for Mixtral, when router_aux_loss_coef is not set)."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                     num_experts_per_tok=1, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    moe = transformers.MixtralForCausalLM(cfg).eval()
+    lm = dh.FunctionalLM.from_model(moe)
+    state = AdamWState.from_optimizer(torch.optim.AdamW(moe.parameters()), moe)
+    step = RecordedStep(step=1, micro_batches=[{}], options=BASE)
+    with pytest.raises(dh.UnsupportedOptionError, match=r"router_aux_loss_coef=0\.001 \(from the MoE"):
+        replay_directions(lm, lm.params, step, state)
+
+
 def test_extra_model_inputs_are_refused() -> None:
     step = RecordedStep(step=1, micro_batches=[{"pixel_values": torch.zeros(1)}], options=BASE)
     with pytest.raises(dh.UnsupportedOptionError, match="pixel_values"):
