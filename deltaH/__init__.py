@@ -49,6 +49,7 @@ _EXPORTS = {
     "ResumeError": "deltaH.errors",
     "RewardError": "deltaH.errors",
     "ParameterNameError": "deltaH.errors",
+    "UnsupportedOptionError": "deltaH.errors",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     from deltaH.errors import ParameterNameError as ParameterNameError
     from deltaH.errors import ResumeError as ResumeError
     from deltaH.errors import RewardError as RewardError
+    from deltaH.errors import UnsupportedOptionError as UnsupportedOptionError
     from deltaH.estimators.first_order import FirstOrder as FirstOrder
     from deltaH.estimators.first_order import delta_h_first_order as delta_h_first_order
     from deltaH.estimators.influence import covariance_proxy as covariance_proxy

@@ -15,6 +15,7 @@ Each subclass also inherits the built-in type its raise sites used before (``Val
     ├── BatchError           SequenceBatch / direction / gradient tree of the wrong shape
     │   └── ParameterNameError   a tree names a parameter the model does not train (+ KeyError)
     ├── ArgumentError        another argument of a public function out of range
+    ├── UnsupportedOptionError  a trainer option (or model) whose gradient deltaH does not reproduce
     ├── DeviceError          a device torch cannot use here (cuda without CUDA)
     ├── ResumeError          --resume / inspect of a folder that is not a deltaH run
     ├── NotFoundError        a file or folder the user named does not exist (+ FileNotFoundError)
@@ -40,6 +41,7 @@ __all__ = [
     "ParameterNameError",
     "ResumeError",
     "RewardError",
+    "UnsupportedOptionError",
 ]
 
 
@@ -81,6 +83,11 @@ class ParameterNameError(BatchError, KeyError):
 
 class ArgumentError(DeltaHError, ValueError):
     """An argument of a public function outside its allowed values."""
+
+
+class UnsupportedOptionError(DeltaHError, ValueError):
+    """A recorded trainer option (or a model property) that deltaH cannot reproduce exactly; the message
+    names it, its value and what is supported. Replaying anyway would give a silently different gradient."""
 
 
 class DeviceError(DeltaHError, ValueError):

@@ -27,6 +27,7 @@ MATH_SECTIONS = (
     "rl-losses",
     "adamw-step",
     "directions-and-eta",
+    "replaying-a-recorded-step",
     "influence-matrices",
     "eta-sweep-and-trust-range",
     "fisher-kernel",

@@ -44,7 +44,7 @@ def test_every_error_class_is_exported() -> None:
 
 
 BAD_INPUT = [errors.ConfigError, errors.DataError, errors.CheckpointError, errors.BatchError,
-             errors.ArgumentError, errors.DeviceError, errors.ResumeError]
+             errors.ArgumentError, errors.DeviceError, errors.ResumeError, errors.UnsupportedOptionError]
 
 
 @pytest.mark.parametrize("cls", BAD_INPUT)

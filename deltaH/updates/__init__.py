@@ -12,3 +12,5 @@ from deltaH.updates.grads import logprob_sums as logprob_sums
 from deltaH.updates.grads import sequence_logprob_grads as sequence_logprob_grads
 from deltaH.updates.losses import advantages as advantages
 from deltaH.updates.losses import loss_coefficients as loss_coefficients
+from deltaH.updates.replay import ReplayDirections as ReplayDirections
+from deltaH.updates.replay import replay_directions as replay_directions

@@ -10,6 +10,16 @@ batched input under ``vmap``; position ids stay unbatched (HF's packed-sequence 
 data-dependent), and no attention mask is needed (causal attention never reaches padding).
 Inside one sequence the logits ``[L, V]`` exist at once; ``seq_chunk`` bounds how many sequences
 are vmapped together.
+
+With per-token weights ``w [N, T_max]`` (the weight of the ``k``-th scored token of row ``i`` at
+``[i, k]``, zero-padded) the summed log-prob becomes a weighted one, for any loss whose gradient
+is a weighted sum of token log-prob gradients (a replayed trainer step,
+docs/math.md#replaying-a-recorded-step)::
+
+    S_i = Σ_k w_{i,k} · log softmax(z_{t_k})[y_{t_k}]   G_i = ∇_θ S_i
+
+``w [N, K, T_max]`` gives ``K`` weightings at once (one forward, ``K`` backward passes):
+``G_i`` is then ``[N, K, *shape]`` and ``S`` is ``[N, K]``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import torch
 from torch import Tensor
 
 from deltaH.batch import SequenceBatch, compact
-from deltaH.errors import ArgumentError, ParameterNameError
+from deltaH.errors import ArgumentError, BatchError, ParameterNameError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, trainer_logprob
 
@@ -46,6 +56,7 @@ def sequence_logprob_grads(
     seq_chunk: int = 8,
     policy: SamplingPolicy | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sequence gradients ``G_i = ∇ S_i`` (dict of ``[N, *shape]``) and ``S [N]`` (float64).
 
@@ -54,11 +65,14 @@ def sequence_logprob_grads(
     ``logq_i`` instead: the log-softmax runs over the top-p nucleus, decided at ``params`` (a
     ``[n, L, V]`` mask per chunk, computed outside ``vmap``) and held fixed.
     ``on_progress(done, total)``, if given, is called after each chunk with the sequences done.
+    ``token_weights`` (``[N, T_max]`` or ``[N, K, T_max]``, module docstring): the gradient of the
+    weighted sum ``Σ_k w_{i,k} log π`` instead; the results gain the ``K`` axis when it is given.
     """
     if policy is not None:
         temperature = policy.temperature
     if int(seq_chunk) < 1:
         raise ArgumentError(f"seq_chunk must be >= 1, got {seq_chunk!r}")
+    w3 = None if token_weights is None else _check_weights(token_weights, batch).to(batch.input_ids.device)
     names = list(params) if names is None else list(names)
     for n in names:
         if n not in params:
@@ -93,12 +107,59 @@ def sequence_logprob_grads(
 
         sub = {n: params[n] for n in names}
         dims = (None, 0, 0, 0, None if keep is None else 0)
-        g, val = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=dims)(
-            sub, c.ids, mask, tgt, keep
-        )
+        if w3 is None:
+            g, val = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=dims)(
+                sub, c.ids, mask, tgt, keep
+            )
+        else:
+            # the k-th scored token of a row sits at its k-th True position of `mask`
+            k = mask.cumsum(1)[c.rows, c.pred_pos] - 1
+            wpos = torch.zeros(c.n, w3.shape[1], length, dtype=w3.dtype, device=c.ids.device)
+            wpos[c.rows, :, c.pred_pos] = w3[s + c.rows, :, k]
+
+            def s_w(
+                p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, kp: Tensor | None, w: Tensor,
+                pos: Tensor = pos,
+            ) -> tuple[Tensor, Tensor]:
+                full = {**rest, **p}
+                h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
+                lp = trainer_logprob(lm.head(full, h), y, temperature, kp)
+                val = (w * torch.where(m, lp, torch.zeros_like(lp))).sum(-1)  # [K]
+                return val, val.detach()
+
+            g, val = torch.func.vmap(torch.func.jacrev(s_w, has_aux=True), in_dims=(*dims, 0))(
+                sub, c.ids, mask, tgt, keep, wpos
+            )
+            if token_weights is not None and token_weights.dim() == 2:
+                g, val = {n: t.squeeze(1) for n, t in g.items()}, val.squeeze(1)
         for n in names:
             grads[n].append(g[n])
         sums.append(val.double())
         if on_progress is not None:
             on_progress(min(s + seq_chunk, len(batch)), len(batch))
     return {n: torch.cat(v) for n, v in grads.items()}, torch.cat(sums)
+
+
+def _check_weights(w: Tensor, batch: SequenceBatch) -> Tensor:
+    """``token_weights`` as ``[N, K, T_max]`` after checking its shape and zero padding."""
+    if not isinstance(w, Tensor) or w.dim() not in (2, 3) or not w.is_floating_point():
+        raise BatchError(
+            "token_weights must be a floating tensor [N, T_max] or [N, K, T_max], got "
+            + (f"shape {tuple(w.shape)} ({w.dtype})" if isinstance(w, Tensor) else type(w).__name__)
+        )
+    w3 = w if w.dim() == 3 else w.unsqueeze(1)
+    n_tok = batch.n_tokens.to(w.device)
+    if w3.shape[0] != len(batch) or w3.shape[-1] < int(n_tok.max()):
+        raise BatchError(
+            f"token_weights has shape {tuple(w.shape)} but the batch has {len(batch)} rows with up to "
+            f"{int(n_tok.max())} scored tokens: pass [N, T_max] with N = {len(batch)} and T_max >= "
+            f"{int(n_tok.max())} (the k-th scored token of row i at [i, k])"
+        )
+    beyond = torch.arange(w3.shape[-1], device=w.device) >= n_tok.view(-1, 1, 1)
+    if bool((w3 * beyond).ne(0).any()):
+        rows = (w3 * beyond).ne(0).flatten(1).any(1).nonzero().flatten()[:5].tolist()
+        raise BatchError(
+            f"token_weights rows {rows} have non-zero weights beyond their scored tokens: column k is "
+            "the k-th scored token of the row (response_mask order), and the padding must be zero"
+        )
+    return w3
