@@ -24,6 +24,8 @@ _EXPORTS = {
     "Checkpoint": "deltaH.io.checkpoint",
     "load_checkpoint": "deltaH.io.checkpoint",
     "SamplingPolicy": "deltaH.policy",
+    "ReplayedStep": "deltaH.replay",
+    "replay_step": "deltaH.replay",
     "sample": "deltaH.sampling.sampler",
     "SequenceStats": "deltaH.stats",
     "sequence_stats": "deltaH.stats",
@@ -94,6 +96,8 @@ if TYPE_CHECKING:
     from deltaH.io.checkpoint import Checkpoint as Checkpoint
     from deltaH.io.checkpoint import load_checkpoint as load_checkpoint
     from deltaH.policy import SamplingPolicy as SamplingPolicy
+    from deltaH.replay import ReplayedStep as ReplayedStep
+    from deltaH.replay import replay_step as replay_step
     from deltaH.sampling.sampler import sample as sample
     from deltaH.stats import SequenceStats as SequenceStats
     from deltaH.stats import sequence_stats as sequence_stats

@@ -52,10 +52,11 @@ def step(summary: RunSummary) -> list[str]:
         c = rp.clip
         out += [
             "",
-            f"Ratio clipping in this step: {show(100 * c.get('region_mean', math.nan))}% of loss tokens "
-            f"clipped (low {show(100 * c.get('low_mean', math.nan))}%, high "
-            f"{show(100 * c.get('high_mean', math.nan))}%); largest |ratio − 1| "
-            f"{show(c.get('max_abs_ratio_minus_1', math.nan))}.",
+            f"Ratio clipping in this step: {show(100 * c.get('clip_ratio/region_mean', math.nan))}% of loss "
+            "tokens "
+            f"clipped (low {show(100 * c.get('clip_ratio/low_mean', math.nan))}%, high "
+            f"{show(100 * c.get('clip_ratio/high_mean', math.nan))}%); largest |ratio − 1| "
+            f"{show(c.get('max_ratio_dev', math.nan))}.",
         ]
     out.append("")
     if rp.directions:

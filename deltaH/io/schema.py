@@ -218,8 +218,9 @@ class ReplayInfo:
     trainer_options: dict[str, Any] | None = _f(
         "the trainer's loss-relevant options the replay used (null: sampled U, whose loss is loss.*)")
     clip: dict[str, float] | None = _f(
-        "ratio clipping in the replayed step: low_mean, high_mean, region_mean (fractions of loss tokens, "
-        "as TRL logs them) and max |ratio − 1| (null: sampled U)")
+        "ratio clipping in the replayed step, as TRL logs it (clip_ratio/low_mean, low_min, high_mean, "
+        "high_max, region_mean: fractions of loss tokens) and max_ratio_dev = max |ratio − 1| "
+        "(null: sampled U)")
     next_checkpoint: str | None = _f("the checkpoint saved after that step (null: none, so no realised step)")
     step_error: float = _f("‖lr·full − (θ_N − θ_{N−1})‖ / ‖θ_N − θ_{N−1}‖: the replay against what "
                            "happened (≈ 1e-6 for an exact float32 replay; large for a sampled U; null: "

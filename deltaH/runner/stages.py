@@ -366,7 +366,7 @@ def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
     info = ReplayInfo(
         grad_pg=rep.grad_pg,
         grad_kl=rep.grad_kl,
-        clip={k: float(v) for k, v in rep.clip.items()},
+        clip={**{k: float(v) for k, v in rep.clip.items()}, "max_ratio_dev": float(rep.max_ratio_dev)},
         token_weights=rep.token_weights.double().cpu(),
         options=inp.source.recorded[0].options.to_dict(),
         step=inp.source.step,
