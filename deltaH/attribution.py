@@ -171,14 +171,16 @@ class Attribution:
 
     ``families``: the tag families that split U into at least two groups; ``omitted``: family name
     → why it was left out; ``update``: all of U together; ``baseline``: the momentum + weight-decay
-    part (``n = 0``); per sequence ``delta_h``, ``delta_h1 [N_U]`` and their standard errors;
-    ``rank_true``, ``rank_first_order``: rows by contribution, largest (raises entropy most) first.
+    part (``n = 0``); ``total``: both (share 1); per sequence ``delta_h``, ``delta_h1 [N_U]`` and
+    their standard errors; ``rank_true``, ``rank_first_order``: rows by contribution, largest
+    (raises the entropy most) first.
     """
 
     families: list[Family]
     omitted: dict[str, str]
     update: Group
     baseline: Group
+    total: Group
     delta_h: np.ndarray
     delta_h_se: np.ndarray
     delta_h1: np.ndarray
@@ -227,15 +229,15 @@ def jackknife_se(loo: np.ndarray) -> np.ndarray:
 
 
 def _estimates(c: Contributions, member: np.ndarray) -> list[Estimate]:
-    """Estimates of the groups given by the columns of ``member [N_U, n_groups]`` (0/1) and, as the last
-    column, of the baseline."""
+    """Estimates of the groups given by the columns of ``member [N_U, n_groups]`` (0/1), then of the
+    baseline and of the total."""
     total = float(c.delta_h.sum() + c.baseline)
-    dh = np.append(c.delta_h @ member, c.baseline)
+    dh = np.append(c.delta_h @ member, [c.baseline, total])
     se = share_se = np.full(dh.shape, np.nan)
     if c.loo is not None:
         b_loo = c.baseline_loo if c.baseline_loo is not None else np.full(c.loo.shape[0], c.baseline)
-        loo_g = np.concatenate([c.loo @ member, b_loo[:, None]], axis=1)  # [N_E, n_groups + 1]
         loo_t = c.loo.sum(1) + b_loo
+        loo_g = np.concatenate([c.loo @ member, b_loo[:, None], loo_t[:, None]], axis=1)  # [N_E, groups + 2]
         se = jackknife_se(loo_g)
         with np.errstate(divide="ignore", invalid="ignore"):
             share_se = jackknife_se(loo_g / loo_t[:, None])
@@ -293,6 +295,9 @@ def _partitions(tags: UpdateTags) -> tuple[list[tuple[str, list[tuple[str, np.nd
 
 
 def _why_single(name: str, label: str, tags: UpdateTags) -> str:
+    if name == "truncation":
+        return "every response was truncated (no EOS)" if tags.truncated.all() else (
+            "every response ended with EOS (none was truncated)")
     if name == "length_quartile":
         return f"every response has the same length ({int(tags.length[0])} tokens)"
     if name == "prompt_group":
@@ -325,6 +330,7 @@ def attribute(true: Contributions, first_order: Contributions, tags: UpdateTags)
         families.append(Family(name, out))
     update = group(k, "update batch (all sequences)", np.arange(n))
     baseline = group(k + 1, "baseline (momentum + weight decay)", np.arange(0))
+    total = group(k + 2, "total (update batch + baseline)", np.arange(n))
     se_t = jackknife_se(true.loo) if true.loo is not None else np.full(n, np.nan)
     se_f = jackknife_se(first_order.loo) if first_order.loo is not None else np.full(n, np.nan)
     return Attribution(
@@ -332,6 +338,7 @@ def attribute(true: Contributions, first_order: Contributions, tags: UpdateTags)
         omitted={f: omitted[f] for f in FAMILIES if f in omitted},
         update=update,
         baseline=baseline,
+        total=total,
         delta_h=true.delta_h,
         delta_h_se=se_t,
         delta_h1=first_order.delta_h,

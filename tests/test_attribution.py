@@ -55,6 +55,7 @@ def test_group_sums_and_shares_have_known_values() -> None:
         ("truncated (no EOS)", 6.0), ("finished (EOS)", 4.0)]
     assert a.baseline.true.share == 0.5 and a.baseline.first_order.share == 0.0 and a.baseline.n == 0
     assert a.update.true.delta_h == 10.0 and a.update.true.share == 0.5 and a.update.first_order.share == 1.0
+    assert a.total.true.delta_h == 20.0 and a.total.true.share == 1.0 and a.total.n == 4
     for fam in a.families:  # each family partitions U: its shares and the baseline's add up to 1
         assert sorted(r for g in fam.groups for r in g.rows) == [0, 1, 2, 3], fam.name
         assert sum(g.true.share for g in fam.groups) + a.baseline.true.share == pytest.approx(1.0, abs=1e-15)
@@ -89,8 +90,8 @@ def test_length_quartiles_keep_ties_together() -> None:
     ({"reward": None}, "reward", "rewards are unknown"),
     ({"reward": np.array([0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0])}, "reward", "3 distinct values"),
     ({"reward": np.full(8, 1.0)}, "reward", "1 distinct value;"),
-    ({}, "truncation", "finished (EOS)"),
-    ({"truncated": np.ones(8, dtype=bool)}, "truncation", "truncated (no EOS)"),
+    ({}, "truncation", "every response ended with EOS (none was truncated)"),
+    ({"truncated": np.ones(8, dtype=bool)}, "truncation", "every response was truncated (no EOS)"),
     ({"length": np.full(8, 16)}, "length_quartile", "same length (16 tokens)"),
     ({"group": np.zeros(8)}, "prompt_group", "the same prompt"),
     ({"advantage": np.zeros(8)}, "advantage_sign", "zero advantage"),
@@ -207,6 +208,8 @@ def test_standard_errors_are_the_jackknife_of_group_sums(problem: dict) -> None:
             np.testing.assert_allclose(grp.first_order.delta_h, float(fo.delta_h[0]), rtol=1e-9)
     assert checked == 2 * sum(len(f.groups) for f in a.families) and len(a.families) == 5
     np.testing.assert_allclose(a.baseline.true.se, jackknife_se(np.array(loo_bt)), rtol=1e-9)
+    np.testing.assert_allclose(a.total.true.se, jackknife_se(ltot_t), rtol=1e-9)
+    np.testing.assert_allclose(a.total.first_order.se, jackknife_se(ltot_f), rtol=1e-9)
     np.testing.assert_allclose(a.delta_h1_se, inf_f_stderr(p), rtol=1e-9)
     # not degenerate: the errors are comparable to the values and differ between groups
     ses = [g.true.se for f in a.families for g in f.groups]
