@@ -79,7 +79,8 @@ def _family_line(title: str, groups: list[TagGroup], many: bool) -> str:
     parts = [f"{g.label} {_moves(g.true)} it (ΔH = {pm(g.true.delta_h, g.true.se)}, "
              f"{pct_pm(g.true.share, None)} of the total)" for g in hit[: 3 if many else None]]
     if many and len(hit) > 3:
-        parts.append(f"{len(hit) - 3} more groups clearly move it")
+        k = len(hit) - 3
+        parts.append(f"{k} more group{'s clearly move' if k > 1 else ' clearly moves'} it")
     if rest:
         noise = (f"{len(rest)} other group{'s' * (len(rest) != 1)}" if many
                  else ", ".join(f"{g.label} ({pm(g.true.delta_h, g.true.se)})" for g in rest))
