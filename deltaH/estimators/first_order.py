@@ -46,7 +46,10 @@ class FirstOrder:
     ``slope [K]`` is ``dΔH/dη`` at 0; ``delta_h = η·slope`` (``[K]`` or ``[n_eta, K]``);
     ``per_sequence`` likewise with a trailing ``N`` (None in reverse mode without
     ``per_sequence=True``); ``stderr [K]`` is the jackknife standard error of ``delta_h``
-    (None where per-sequence terms were not computed); ``second_order`` is ``½η²·d²ΔH/dη²``.
+    (None where per-sequence terms were not computed); ``second_order`` is ``½η²·d²ΔH/dη²``;
+    ``loo`` (shaped as ``per_sequence``) is ``delta_h`` recomputed without evaluation sequence ``n``,
+    the jackknife's input: the standard error of a sum of ``delta_h`` over directions follows from
+    the sum of their ``loo`` (:mod:`deltaH.attribution`).
     """
 
     delta_h: Tensor
@@ -56,6 +59,7 @@ class FirstOrder:
     second_order: Tensor | None
     h_orig: Tensor
     eta: Tensor
+    loo: Tensor | None = None
 
 
 def _token_derivs(
@@ -200,20 +204,22 @@ def _reverse(
 
 def _reverse_slope(
     su: _Setup, dirs: Mapping[str, Tensor], per_sequence: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``slope [K]`` as ``X · v_k``; per-sequence ``c'`` and the jackknife SE only with ``per_sequence``."""
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``slope [K]`` as ``X · v_k``; per-sequence ``c'``, the jackknife SE and the leave-one-out
+    slopes only with ``per_sequence``."""
     x, seq_grads = _reverse(su, list(dirs), per_sequence)
     slope = _trees.stacked_dot(dirs, x).to(su.e.device)
     if seq_grads is None:
-        return slope, None, None
+        return slope, None, None, None
     a = torch.cat([_stacked_jdot(dirs, g["logq"]) for g in seq_grads], 1)
     b = torch.cat([_stacked_jdot(dirs, g["e"]) for g in seq_grads], 1)
-    _, per_seq, stderr = _combine(a, b, su.e, su.n_total)
-    return slope, per_seq, stderr
+    _, per_seq, stderr, loo = _combine(a, b, su.e, su.n_total)
+    return slope, per_seq, stderr, loo
 
 
-def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``slope [K]``, per-sequence ``c' [K, N]`` and jackknife SE of the slope ``[K]``."""
+def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``slope [K]``, per-sequence ``c' [K, N]``, jackknife SE of the slope ``[K]`` and the
+    leave-one-out slopes ``[K, N]``."""
     s_a = _dist.all_sum(a.sum(1))
     s_b = _dist.all_sum(b.sum(1))
     s_e = _dist.all_sum(e.sum())
@@ -230,7 +236,7 @@ def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, 
     )
     loo_mean = _dist.all_sum(loo.sum(1)) / n_total
     var = (m / n_total) * _dist.all_sum(((loo - loo_mean.unsqueeze(1)) ** 2).sum(1))
-    return slope, per_seq, var.sqrt()
+    return slope, per_seq, var.sqrt(), loo
 
 
 def delta_h_first_order(
@@ -273,14 +279,15 @@ def delta_h_first_order(
                 e, _dist.all_sum(e.sum()) / n_total, n_total, on_progress)
     per_seq: Tensor | None
     stderr: Tensor | None
+    loo: Tensor | None
     if mode == "forward":
-        slope, per_seq, stderr = _combine(*_forward(su, dirs, dir_chunk), e, n_total)
+        slope, per_seq, stderr, loo = _combine(*_forward(su, dirs, dir_chunk), e, n_total)
         if not want_per_seq:
-            per_seq, stderr = None, None
+            per_seq, stderr, loo = None, None, None
     else:
-        slope, per_seq, stderr = _reverse_slope(su, dirs, want_per_seq)
+        slope, per_seq, stderr, loo = _reverse_slope(su, dirs, want_per_seq)
     curv = _curvature(su, dirs) if second_order else None
-    return _at_etas(etas, scalar, slope, per_seq, stderr, curv, su.h_orig)
+    return _at_etas(etas, scalar, slope, per_seq, stderr, curv, su.h_orig, loo)
 
 
 def _at_etas(
@@ -291,17 +298,20 @@ def _at_etas(
     stderr: Tensor | None,
     curv: Tensor | None,
     h_orig: Tensor,
+    loo: Tensor | None = None,
 ) -> FirstOrder:
-    """Scale the η-free ``slope``, ``c'``, SE and curvature to every η (``[n_eta, ...]``, or no η
-    axis for a scalar η)."""
+    """Scale the η-free ``slope``, ``c'``, SE, leave-one-out slopes and curvature to every η
+    (``[n_eta, ...]``, or no η axis for a scalar η)."""
     eta_t = torch.tensor(etas, dtype=torch.float64, device=slope.device)
     dh = eta_t.unsqueeze(1) * slope.unsqueeze(0)
     ps_out = None if per_seq is None else eta_t.view(-1, 1, 1) * per_seq.unsqueeze(0)
+    loo_out = None if loo is None else eta_t.view(-1, 1, 1) * loo.unsqueeze(0)
     se_out = None if stderr is None else eta_t.abs().unsqueeze(1) * stderr.unsqueeze(0)
     so = None if curv is None else 0.5 * eta_t.unsqueeze(1) ** 2 * curv.unsqueeze(0)
     if scalar:
         dh = dh[0]
         ps_out = None if ps_out is None else ps_out[0]
+        loo_out = None if loo_out is None else loo_out[0]
         se_out = None if se_out is None else se_out[0]
         so = None if so is None else so[0]
     return FirstOrder(
@@ -312,6 +322,7 @@ def _at_etas(
         second_order=so,
         h_orig=h_orig,
         eta=eta_t[0] if scalar else eta_t,
+        loo=loo_out,
     )
 
 

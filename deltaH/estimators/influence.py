@@ -6,6 +6,7 @@ Influence matrix at a reference step ``η`` along the per-sequence AdamW compone
     M[n, i] = c_n(ĉ_i, η)          [N_E, N_U]     (true: SNIS per-sequence contribution)
     M₁[n, i] = η · c'_n(ĉ_i)       [N_E, N_U]     (first order)
     Σ_n M[n, i] = ΔH along ĉ_i
+    L[n, i]  = ΔH along ĉ_i without evaluation sequence n   [N_E, N_U]   (leave-one-out, both kinds)
 
 Covariance proxy (Cui et al. 2025) on the update batch U, over all response tokens ``t``::
 
@@ -34,12 +35,15 @@ from deltaH.policy import SamplingPolicy, trainer_logprob
 
 @dataclass(frozen=True)
 class Influence:
-    """``matrix [N_E, N_U]`` and ``column_delta_h [N_U]`` (ΔH or δH₁ along each component)."""
+    """``matrix [N_E, N_U]`` and ``column_delta_h [N_U]`` (ΔH or δH₁ along each component);
+    ``loo [N_E, N_U]``: each column's estimate with evaluation sequence n left out, the jackknife's
+    input (:mod:`deltaH.attribution`); None only in an ``Influence`` built by hand."""
 
     matrix: Tensor
     column_delta_h: Tensor
     eta: float
     kind: str
+    loo: Tensor | None = None
 
 
 def influence_matrix(
@@ -61,12 +65,14 @@ def influence_matrix(
     check_choice("kind", kind, KINDS)
     if kind == "true":
         res = delta_h_true_multi(params, components, batch, lm=lm, policy=policy, eta=float(eta), **kwargs)
-        return Influence(res.per_sequence.T.contiguous(), res.delta_h, float(eta), kind)
+        return Influence(res.per_sequence.T.contiguous(), res.delta_h, float(eta), kind,
+                         res.loo.T.contiguous())
     fo = delta_h_first_order(
         params, components, batch, lm=lm, policy=policy, eta=float(eta), per_sequence=True, **kwargs
     )
     assert fo.per_sequence is not None
-    return Influence(fo.per_sequence.T.contiguous(), fo.delta_h, float(eta), kind)
+    loo = None if fo.loo is None else fo.loo.T.contiguous()
+    return Influence(fo.per_sequence.T.contiguous(), fo.delta_h, float(eta), kind, loo)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ step ``η``, with ``θ'_k = θ + η·v_k`` and per-sequence statistics from :mod
     H_upd[k]    = Σ_n w̃[k, n] · e_n(θ'_k)                          [K]
     ΔH[k]       = H_upd[k] − H_orig = Σ_n c[k, n]
     c[k, n]     = w̃[k, n] · e_n(θ'_k) − e_n(θ) / N                 [K, N]
+    loo[k, n]   = ΔH[k] recomputed without sequence n                [K, N]  (jackknife input)
     ESS[k]      = 1 / Σ_n w̃[k, n]²
     retained[k] = mean_n exp(logw[k, n])   (mass of q_θ' on q_θ's support; < 1 means top-p leaked)
     moved[k]    = (1/P) Σ_{n, t∈R_n} 1[S_t(θ'_k) ≠ S_t(θ)]          (nucleus_changed; P = Σ_n |R_n|)
@@ -58,6 +59,7 @@ class TrueDeltaH:
     delta_h: Tensor
     h_upd: Tensor
     per_sequence: Tensor
+    loo: Tensor
     ess: Tensor
     khat: Tensor
     logw_max: Tensor
@@ -104,11 +106,18 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
     # c_n = (u_n e'_n − (S/N) e_n) / S: exactly 0 when θ' = θ (u ≡ 1, S = N).
     per_seq = (ue1 - (s / n_total).unsqueeze(1) * e0) / s.unsqueeze(1)
     delta = _dist.all_sum(per_seq.sum(1))
+    # Leave sequence n out: Σu e'/Σu moves by u_n (Σu e'/Σu − e'_n)/(Σu − u_n) and mean e by
+    # (e_n − H_orig)/(N − 1). Written as ΔH plus these changes, so the jackknife's differences of
+    # leave-one-out values keep their digits.
+    ratio = (s_ue1 / s).unsqueeze(1)
+    loo = (delta.unsqueeze(1) + (u * ratio - ue1) / (s.unsqueeze(1) - u)
+           - (h_orig - e0) / (n_total - 1))
     h_upd_tok = s_ue1 / s_utok
     out = {
         "delta_h": delta,
         "h_upd": h_orig + delta,
         "per_sequence": per_seq,
+        "loo": loo,
         "ess": s * s / s2,
         "logw_max": lmax,
         "logw_min": lmin,
@@ -123,6 +132,7 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
         for key in ("delta_h", "h_upd", "delta_h_per_token", "h_upd_per_token"):
             out[key] = torch.where(dead, nan, out[key])
         out["per_sequence"] = torch.where(dead.unsqueeze(1), nan, per_seq)
+        out["loo"] = torch.where(dead.unsqueeze(1), nan, loo)
         out["ess"] = torch.where(dead, torch.zeros_like(out["ess"]), out["ess"])
         out["retained_mass"] = torch.where(dead, torch.zeros_like(lmax), out["retained_mass"])
         warn(
@@ -279,7 +289,7 @@ def delta_h_true(
         **kwargs,  # type: ignore[arg-type]
     )
     squeeze = {
-        f.name: getattr(res, f.name).select(-1 if f.name != "per_sequence" else -2, 0)
+        f.name: getattr(res, f.name).select(-2 if f.name in ("per_sequence", "loo") else -1, 0)
         for f in fields(TrueDeltaH)
         if f.name not in ("h_orig", "h_orig_per_token", "eta", "n_sequences", "khat_threshold")
     }

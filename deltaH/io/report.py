@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deltaH.io import _report_analyses as analyses
+from deltaH.io import _report_attribution as attribution
 from deltaH.io import _report_replay as replay
 from deltaH.io import _report_sections as sections
 from deltaH.io._present import DECOMPOSITIONS, require_summary
@@ -38,6 +39,8 @@ PLOT_CAPTIONS = {
     "unreliable",
     "influence.png": "influence matrix M[n, i]: evaluation sequence n (rows) vs update sequence i (columns)",
     "contributors.png": "the update and evaluation sequences that moved the entropy most",
+    "attribution.png": "ΔH summed over groups of update sequences that share a tag, true (solid) and first "
+    "order (hatched), ± one jackknife standard error; grey: the momentum + weight-decay baseline",
     "trajectory.png": "H, ΔH and δH₁ along the training steps of the study",
 }
 
@@ -101,11 +104,14 @@ def render_report(summary: RunSummary, run_dir: Path, plots: Sequence[Path] = ()
     step = summary.checkpoint.get("global_step")
     title = "# deltaH report" + (f": checkpoint step {step}" if step is not None else "")
     out = [title, ""] + sections.headline(summary, ref) + [""]
+    drv = attribution.drivers(summary)
+    out += drv + [""] if drv else []
     out += sections.setup(summary)
     out += replay.step(summary)
     out += sections.decomposition(summary, ref) + imgs("delta_h_vs_eta.png")
     out += sections.trust(summary, ref) + imgs("ess_khat.png")
     out += analyses.who(summary, run_dir) + imgs("contributors.png", "influence.png")
+    out += attribution.section(summary, ref, run_dir) + imgs("attribution.png")
     out += analyses.proxy(summary, ref)
     out += analyses.kernel(summary)
     if by_name:
@@ -165,7 +171,8 @@ def format_summary_table(summary: RunSummary) -> str:
     w = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in [header, *rows]]
     lines.append("")
-    optional = (("influence", summary.influence), ("kernel", summary.kernel), ("proxy", summary.proxy))
+    optional = (("influence", summary.influence), ("attribution", summary.attribution),
+                ("kernel", summary.kernel), ("proxy", summary.proxy))
     for name, part in optional:
         lines.append(f"{name}: {NOT_RUN if part is None else 'done'}")
     lines.append(f"trust: {NOT_RECORDED if missing(summary.trust) else 'done'}")

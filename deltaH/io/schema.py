@@ -142,6 +142,58 @@ class InfluenceInfo:
 
 
 @dataclass(frozen=True)
+class GroupEstimate:
+    delta_h: float = _f("the group's ΔH at η_ref: the sum of its sequences' contributions, nats per sequence")
+    se: float = _f("jackknife standard error of delta_h over evaluation sequences")
+    share: float = _f("delta_h / total, total = Σ over all update sequences + the baseline (may exceed 1 or "
+                      "be negative when groups pull in opposite directions)")
+    share_se: float = _f("jackknife standard error of share")
+
+
+@dataclass(frozen=True)
+class TagGroup:
+    label: str = _f('the group, e.g. "negative advantage", "truncated (no EOS)", "Q1: 2–3 tokens", '
+                    '"group 3: <prompt>"')
+    n: int = _f("number of update sequences in it (0 for the baseline)")
+    true: GroupEstimate = _f("from the true (SNIS) contributions")
+    first_order: GroupEstimate = _f("from the first-order contributions δH₁")
+
+
+@dataclass(frozen=True)
+class TagFamily:
+    name: str = _f("advantage_sign | reward | truncation | length_quartile | prompt_group")
+    title: str = _f("the family in words")
+    groups: list[TagGroup] = _f("its non-empty groups, a partition of U")
+
+
+@dataclass(frozen=True)
+class AttributedSequence:
+    row: int = _f("row of the update sequence in batches/update.jsonl")
+    delta_h: float = _f("true ΔH along its component at η_ref (its contribution)")
+    delta_h_se: float = _f("jackknife standard error of delta_h")
+    delta_h1: float = _f("δH₁ along its component")
+    delta_h1_se: float = _f("jackknife standard error of delta_h1")
+    advantage: float = _f("its advantage")
+    reward: float = _f("its reward (null: unknown)")
+    truncated: bool = _f("true when the response did not end with EOS")
+    length: int = _f("response tokens")
+    group: int = _f("its same-prompt group")
+    response: str | None = _f("its response text")
+
+
+@dataclass(frozen=True)
+class AttributionInfo:
+    eta: float = _f("η of the attribution (eta.reference)")
+    update: TagGroup = _f("all update sequences together (Σ_i of the contributions)")
+    baseline: TagGroup = _f("the momentum + weight-decay part of the step (decomposition baseline)")
+    total: TagGroup = _f("update + baseline: the total the shares refer to")
+    families: list[TagFamily] = _f("per tag family, ΔH, share and standard errors of each group")
+    omitted: dict[str, str] = _f("tag families left out, with the reason (e.g. rewards not binary)")
+    top_raise: list[AttributedSequence] = _f("up to 5 update sequences that raise the entropy most (true ΔH)")
+    top_lower: list[AttributedSequence] = _f("up to 5 update sequences that lower the entropy most")
+
+
+@dataclass(frozen=True)
 class KernelInfo:
     method: str = _f("exact | projection")
     mean_same: float = _f("mean kernel entry over same-prompt (E, U) pairs (null: no such pair)")
@@ -261,6 +313,8 @@ class RunSummary:
     decompositions: dict[str, Decomposition] = _f("full, baseline, grad, baseline+grad")
     trust: TrustInfo = _f("which η of the sweep are trustworthy, and why not")
     influence: InfluenceInfo | None = _f("null: analyses.influence off")
+    attribution: AttributionInfo | None = _f("which tagged groups of U drove ΔH (null: analyses.influence "
+                                             "off)")
     kernel: KernelInfo | None = _f("null: analyses.kernel off")
     proxy: ProxyInfo | None = _f("null: analyses.proxy off")
     replay: ReplayInfo = _f("where U came from and, for a step of a run, the step that really happened")

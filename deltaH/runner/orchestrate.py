@@ -47,6 +47,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "second_order": ((), ("eta_grid",)),
     "influence": ((), ("first_order",)),
     "realised": ((), ("directions", "theta_stats")),
+    "attribution": ((), ("batches", "first_order", "true_sweep", "influence")),
     "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
     "proxy": ((), ("directions",)),
     "diagnostics": ((), ("batches",)),
@@ -228,15 +229,16 @@ def analyse_checkpoint(
         inp.source.next_checkpoint is not None or has_kl,
     )
     inf = stage("influence", lambda: st.influence(cfg, inp, bt, dr, base), a.influence)
+    att = stage("attribution", lambda: st.attribution(cfg, inp, bt, dr, fo, grid, sw, inf), inf is not None)
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy)
     diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), cfg.output.detail == "debug")
     timings["total"] = time.perf_counter() - t0
 
-    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, real)
-    write_batches(rd, cfg, bt, base, diag)
+    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
+    write_batches(rd, cfg, bt, base, diag, att)
     write_sweep(rd, cfg, grid.etas, sw, fo.slope)
-    write_analyses(rd, inf, kern)
+    write_analyses(rd, cfg, inf, kern, att)
     summary = write_summary_and_report(rd, cfg, summary)  # as written (a plots-skipped warning included)
     rd.mark_done("report")
     cache.clear()  # the results folder now holds everything; the cache only served --resume

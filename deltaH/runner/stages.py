@@ -1,7 +1,7 @@
 """The stages of one run, each a function of the config and earlier stages' outputs.
 
 load inputs → batches → θ-side statistics → directions → first order (η = 1 slopes) → η grid →
-true sweep → second order → influence → kernel → proxy → token diagnostics. Every stage but
+true sweep → second order → influence → attribution → kernel → proxy → token diagnostics. Every stage but
 the first returns a frozen dataclass that :mod:`deltaH.runner.cache` can store, so a resumed run
 reloads finished stages instead of recomputing them. The orchestrator is
 :func:`deltaH.runner.orchestrate.analyse_checkpoint`; the summary is built in :mod:`deltaH.runner.summary`.
@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from deltaH.analysis import Trust, auto_grid, rounding_noise, trust_range
+from deltaH.attribution import Attribution, Contributions, UpdateTags, attribute, tags_from_batch
 from deltaH.config import Config
 from deltaH.errors import ConfigError
 from deltaH.estimators.first_order import FirstOrder, delta_h_first_order
@@ -34,7 +36,7 @@ from deltaH.policy import SamplingPolicy
 from deltaH.runner.recorded import UpdateSource, recorded_update_batch
 from deltaH.sampling.builders import EvalBatch, UpdateBatch
 from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
-from deltaH.updates.directions import UpdateDirections, update_directions
+from deltaH.updates.directions import DECOMPOSITIONS, UpdateDirections, update_directions
 
 log = logging.getLogger(__name__)
 PROBE_DECADES = (-6, -5, -4, -3, -2, -1, 0, 1, 2)
@@ -224,13 +226,15 @@ class EtaGrid:
 @dataclass(frozen=True)
 class Sweep:
     """True ΔH over the grid for the four decompositions: each field of :data:`SWEEP_FIELDS`
-    ``[n_eta, 4]``, ``per_sequence_full [n_eta, N_E]`` and the θ-side entropies."""
+    ``[n_eta, 4]``, ``per_sequence_full [n_eta, N_E]``, the θ-side entropies and, at η_ref,
+    ``loo_ref [4, N_E]``: each decomposition's ΔH with evaluation sequence n left out."""
 
     fields: dict[str, Tensor]
     per_sequence_full: Tensor
     h_orig: float
     h_orig_per_token: float
     khat_threshold: float
+    loo_ref: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,26 @@ class InfluencePair:
 
     true: Influence
     first_order: Influence
+
+
+@dataclass(frozen=True)
+class Attributed:
+    """The update batch's tags and the attribution of ΔH at ``eta_ref`` to them."""
+
+    tags: UpdateTags
+    result: Attribution
+    eta: float
+
+
+def ref_index(etas: list[float], eta_ref: float) -> int:
+    """Index of the grid point closest (in log η) to ``eta_ref``."""
+    return int(np.argmin([abs(math.log(e) - math.log(eta_ref)) for e in etas]))
+
+
+def eos_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS id(s) as a list (empty when it has none)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -452,6 +476,7 @@ def true_sweep(
         h_orig=float(res[0].h_orig),
         h_orig_per_token=float(res[0].h_orig_per_token),
         khat_threshold=float(res[0].khat_threshold),
+        loo_ref=res[ref_index(grid.etas, dr.eta_ref)].loo.double().cpu(),
     )
 
 
@@ -558,6 +583,35 @@ def realised(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: Sequen
     )
 
 
+def update_tags(inp: Inputs, up: UpdateBatch) -> UpdateTags:
+    """The tags of a sampled update batch: its advantages, rewards, prompt groups, responses, and
+    truncation and length from the response tokens and the tokenizer's EOS."""
+    rewards = up.rewards if bool(torch.isfinite(up.rewards).all()) else None  # a recorded U has none
+    return tags_from_batch(up.batch, advantages=up.advantages, group=up.group,
+                           eos_token_ids=eos_ids(inp.tokenizer), rewards=rewards, texts=up.responses)
+
+
+def attribution(
+    cfg: Config, inp: Inputs, bt: Batches, dr: Directions, fo: FirstOrder, grid: EtaGrid, sw: Sweep,
+    inf: InfluencePair,
+) -> Attributed:
+    """ΔH at η_ref summed over the tag families of U, with the baseline's share
+    (:mod:`deltaH.attribution`)."""
+    j, b = ref_index(grid.etas, dr.eta_ref), DECOMPOSITIONS.index("baseline")
+    eta = dr.eta_ref
+    base_true = float(sw.fields["delta_h"][j, b])
+    true = Contributions(_np(inf.true.column_delta_h), _np(inf.true.loo), base_true,
+                         None if sw.loo_ref is None else _np(sw.loo_ref[b]))
+    first = Contributions(_np(inf.first_order.column_delta_h), _np(inf.first_order.loo),
+                          eta * float(fo.slope[b]), None if fo.loo is None else eta * _np(fo.loo[b]))
+    tags = update_tags(inp, bt.update)
+    return Attributed(tags, attribute(true, first, tags), eta)
+
+
+def _np(x: Tensor | None) -> Any:
+    return None if x is None else x.detach().double().cpu().numpy()
+
+
 def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> Tensor:
     return fisher_kernel(
         inp.lm,
@@ -586,13 +640,11 @@ def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovariancePr
 
 def diagnostics(cfg: Config, inp: Inputs, bt: Batches) -> TokenDiagnostics:
     """Per-token diagnostics of E at θ (``output.detail: debug``)."""
-    eos = getattr(inp.tokenizer, "eos_token_id", None)
-    eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
     return token_diagnostics(
         inp.lm,
         inp.params,
         bt.eval.batch,
         policy=inp.policy,
-        eos_token_ids=eos_ids,
+        eos_token_ids=eos_ids(inp.tokenizer),
         tf_batch_size=cfg.compute.tf_batch_size,
     )

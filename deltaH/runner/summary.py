@@ -14,13 +14,24 @@ import torch
 
 import deltaH
 from deltaH.analysis import linear_fits, rounding_noise, trust_summary, trust_warnings
+from deltaH.attribution import Estimate, Group
 from deltaH.config import Config
 from deltaH.estimators.first_order import FirstOrder
 from deltaH.estimators.influence import CovarianceProxy
 from deltaH.estimators.kernel import kernel_summary
 from deltaH.io import schema as sc
 from deltaH.io.results import to_jsonable
-from deltaH.runner.stages import Batches, Directions, EtaGrid, InfluencePair, Inputs, Realised, Sweep
+from deltaH.runner.stages import (
+    Attributed,
+    Batches,
+    Directions,
+    EtaGrid,
+    InfluencePair,
+    Inputs,
+    Realised,
+    Sweep,
+)
+from deltaH.runner.stages import ref_index as ref_index
 from deltaH.updates.directions import DECOMPOSITIONS
 
 
@@ -55,11 +66,6 @@ def versions() -> dict[str, str]:
         "peft": peft.__version__,
         "deltaH": deltaH.__version__,
     }
-
-
-def ref_index(etas: list[float], eta_ref: float) -> int:
-    """Index of the grid point closest (in log η) to ``eta_ref``."""
-    return int(np.argmin([abs(math.log(e) - math.log(eta_ref)) for e in etas]))
 
 
 def trust_of(
@@ -124,6 +130,46 @@ def influence_summary(inf: InfluencePair | None, bt: Batches) -> sc.InfluenceInf
         to_np(inf.first_order.column_delta_h).tolist(),
         top_u,
         top_e,
+    )
+
+
+def _group(g: Group, label: str | None = None) -> sc.TagGroup:
+    def est(e: Estimate) -> sc.GroupEstimate:
+        return sc.GroupEstimate(e.delta_h, e.se, e.share, e.share_se)
+
+    return sc.TagGroup(g.label if label is None else label, g.n, est(g.true), est(g.first_order))
+
+
+def attribution_summary(
+    att: Attributed | None, prompts: list[str] | None = None, top: int = 5
+) -> sc.AttributionInfo | None:
+    """The typed ``attribution`` section; same-prompt groups are labelled with their prompt (``prompts``:
+    one per update sequence, when known)."""
+    if att is None:
+        return None
+    a, t = att.result, att.tags
+
+    def label(fam: str, g: Group) -> str:
+        return f"{g.label}: {prompts[g.rows[0]]}" if prompts and fam == "prompt_group" and g.rows else g.label
+
+    def seq(i: int) -> sc.AttributedSequence:
+        return sc.AttributedSequence(
+            i, float(a.delta_h[i]), float(a.delta_h_se[i]), float(a.delta_h1[i]), float(a.delta_h1_se[i]),
+            float(t.advantage[i]), math.nan if t.reward is None else float(t.reward[i]), bool(t.truncated[i]),
+            int(t.length[i]), int(t.group[i]), None if t.text is None else t.text[i])
+
+    raise_ = [i for i in a.rank_true if a.delta_h[i] > 0][:top]
+    lower = [int(i) for i in np.argsort(a.delta_h, kind="stable") if a.delta_h[i] < 0][:top]  # NaN last
+    return sc.AttributionInfo(
+        eta=att.eta,
+        update=_group(a.update),
+        baseline=_group(a.baseline),
+        total=_group(a.total),
+        families=[sc.TagFamily(f.name, f.title, [_group(g, label(f.name, g)) for g in f.groups])
+                  for f in a.families],
+        omitted=dict(a.omitted),
+        top_raise=[seq(i) for i in raise_],
+        top_lower=[seq(i) for i in lower],
     )
 
 
@@ -245,6 +291,7 @@ def summarise(
     kern: torch.Tensor | None,
     px: CovarianceProxy | None,
     timings: dict[str, float],
+    att: Attributed | None = None,
     real: Realised | None = None,
 ) -> sc.RunSummary:
     """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
@@ -276,6 +323,7 @@ def summarise(
         decompositions=decompositions(cfg, sw, fo, so, etas, trust),
         trust=sc.TrustInfo.from_json(trust),
         influence=influence_summary(inf, bt),
+        attribution=attribution_summary(att, bt.update.prompts),
         kernel=kernel,
         proxy=None if px is None else sc.ProxyInfo(**px.__dict__),
         replay=replay_summary(inp, dr, real),

@@ -14,7 +14,7 @@ import torch
 from deltaH.config import Config
 from deltaH.io.results import ResultsDir
 from deltaH.io.schema import RunSummary
-from deltaH.runner.stages import Batches, InfluencePair, Sweep
+from deltaH.runner.stages import Attributed, Batches, InfluencePair, Sweep
 from deltaH.runner.summary import to_np
 from deltaH.stats import SequenceStats, TokenDiagnostics
 from deltaH.updates.directions import DECOMPOSITIONS
@@ -23,15 +23,31 @@ log = logging.getLogger(__name__)
 TOKEN_FIELDS = ("row", "position", "logq", "entropy", "top1", "nucleus", "eos")
 
 
+def _detailed(cfg: Config) -> bool:
+    return cfg.output.detail in ("detailed", "debug")
+
+
 def write_batches(
-    rd: ResultsDir, cfg: Config, bt: Batches, base: SequenceStats, diag: TokenDiagnostics | None
+    rd: ResultsDir,
+    cfg: Config,
+    bt: Batches,
+    base: SequenceStats,
+    diag: TokenDiagnostics | None,
+    att: Attributed | None = None,
 ) -> None:
     eval_rows = bt.eval.rows()
     for r, lq, en in zip(eval_rows, base.logq.tolist(), base.entropy.tolist(), strict=True):
         r.update(logq=lq, entropy=en)
+    update_rows = bt.update.rows()
+    if att is not None and _detailed(cfg):  # each update sequence's contribution at η_ref, and its tag
+        a = att.result
+        for i, r in enumerate(update_rows):
+            r.update(delta_h=float(a.delta_h[i]), delta_h_se=float(a.delta_h_se[i]),
+                     delta_h1=float(a.delta_h1[i]), delta_h1_se=float(a.delta_h1_se[i]),
+                     truncated=bool(att.tags.truncated[i]))
     if cfg.output.detail != "minimal":
         rd.write_jsonl("batches/eval.jsonl", eval_rows)
-        rd.write_jsonl("batches/update.jsonl", bt.update.rows())
+        rd.write_jsonl("batches/update.jsonl", update_rows)
     rd.save_array("eval_logq", base.logq, "log q of each evaluation sequence at θ [N_E]")
     rd.save_array("eval_entropy", base.entropy, "RB entropy of each evaluation sequence at θ [N_E]")
     rd.save_array("update_rewards", bt.update.rewards, "reward of each update sequence [N_U]")
@@ -57,7 +73,7 @@ def write_sweep(rd: ResultsDir, cfg: Config, etas: list[float], sw: Sweep, slope
         to_np(sw.fields["nucleus_changed"]),
         "fraction of E's scored positions whose top-p nucleus moved [n_eta, 4]",
     )
-    if cfg.output.detail in ("detailed", "debug"):
+    if _detailed(cfg):
         rd.save_array(
             "per_sequence_full",
             to_np(sw.per_sequence_full),
@@ -65,10 +81,34 @@ def write_sweep(rd: ResultsDir, cfg: Config, etas: list[float], sw: Sweep, slope
         )
 
 
-def write_analyses(rd: ResultsDir, inf: InfluencePair | None, kern: torch.Tensor | None) -> None:
+def write_analyses(
+    rd: ResultsDir,
+    cfg: Config,
+    inf: InfluencePair | None,
+    kern: torch.Tensor | None,
+    att: Attributed | None = None,
+) -> None:
     if inf is not None:
         rd.save_array("influence_true", inf.true.matrix, "true influence M[n, i] at η_ref [N_E, N_U]")
         rd.save_array("influence_first_order", inf.first_order.matrix, "first-order influence [N_E, N_U]")
+        if _detailed(cfg):
+            for kind, m in (("true", inf.true), ("first_order", inf.first_order)):
+                if m.loo is not None:
+                    rd.save_array(f"influence_{kind}_loo", m.loo,
+                                  f"{kind} influence column sums with evaluation sequence n left out "
+                                  "[N_E, N_U] (jackknife SE of any group of columns)")
+    if att is not None:
+        a, t = att.result, att.tags
+        for name, arr, what in (
+            ("update_delta_h", a.delta_h, "true ΔH along each update sequence's component at η_ref [N_U]"),
+            ("update_delta_h_se", a.delta_h_se, "its jackknife standard error [N_U]"),
+            ("update_delta_h1", a.delta_h1, "δH₁ along each update sequence's component at η_ref [N_U]"),
+            ("update_delta_h1_se", a.delta_h1_se, "its jackknife standard error [N_U]"),
+            ("update_group", t.group, "same-prompt group of each update sequence [N_U]"),
+            ("update_length", t.length, "response tokens of each update sequence (EOS included) [N_U]"),
+            ("update_truncated", t.truncated, "True where the response did not end with EOS [N_U]"),
+        ):
+            rd.save_array(name, np.asarray(arr), what)
     if kern is not None:
         rd.save_array("kernel", kern, "cross Fisher kernel K[t, i] [N_E, N_U]")
 

@@ -109,10 +109,15 @@ def ref_per_sequence(d: dict, rows: list[int] | None = None) -> torch.Tensor:
     )
 
 
-def ref_jackknife(d: dict) -> torch.Tensor:
-    """Jackknife SE of the slope: the slope recomputed N times without one sequence."""
+def ref_loo(d: dict) -> torch.Tensor:
+    """The slope recomputed N times, each time without one sequence ``[N]``."""
     n = d["lq"].shape[0]
-    loo = torch.stack([ref_per_sequence(d, [m for m in range(n) if m != j]).sum() for j in range(n)])
+    return torch.stack([ref_per_sequence(d, [m for m in range(n) if m != j]).sum() for j in range(n)])
+
+
+def ref_jackknife(d: dict) -> torch.Tensor:
+    """Jackknife SE of the slope from :func:`ref_loo`."""
+    loo, n = ref_loo(d), d["lq"].shape[0]
     return torch.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum())
 
 
@@ -215,13 +220,15 @@ def test_forward_reverse_and_reference_agree(which: str, top_p: float, mode: str
     fwd = s.fo(eta=eta, mode="forward", entropy_mode=mode)
     rev = s.fo(eta=eta, mode="reverse", entropy_mode=mode, per_sequence=True)
     rev_plain = s.fo(eta=eta, mode="reverse", entropy_mode=mode)
-    assert rev_plain.per_sequence is None and rev_plain.stderr is None  # reverse default: no per-seq grads
+    # reverse default: no per-sequence gradients
+    assert rev_plain.per_sequence is None and rev_plain.stderr is None and rev_plain.loo is None
     assert fwd.per_sequence.shape == (2, n) and fwd.stderr.shape == (2,) and fwd.second_order is None
 
     refs = [s.ref(k, mode) for k in range(2)]
     slope = torch.stack([ref_per_sequence(d).sum() for d in refs])
     per_seq = torch.stack([ref_per_sequence(d) for d in refs])
     se = torch.stack([ref_jackknife(d) for d in refs])
+    loo = torch.stack([ref_loo(d) for d in refs])
     h_orig = refs[0]["e"].mean()
 
     for res in (fwd, rev, rev_plain):
@@ -232,6 +239,7 @@ def test_forward_reverse_and_reference_agree(which: str, top_p: float, mode: str
     for res in (fwd, rev):
         _close_rel(res.per_sequence, eta * per_seq)
         _close_rel(res.stderr, eta * se)
+        _close_rel(res.loo, eta * loo)
     # Σ_n c'_n = δH₁: the same a, b in forward mode; reverse mode sums per-sequence gradients but
     # takes the slope from one gradient X, so cotangent rounding separates them
     _close_rel(fwd.per_sequence.sum(-1), fwd.delta_h, rel=1e-10)

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _refs import ref_khat, ref_snis, ref_token_stats, shifted_copy
+from _refs import ref_khat, ref_sequence_stats, ref_snis, ref_token_stats, shifted_copy
 from conftest import ATOL, RTOL, build_batch, sample_responses, tiny_llama, tiny_qwen2, with_lora
 
 import deltaH as dh
@@ -126,6 +126,32 @@ def test_matches_plain_loop_reference(which: str, mode: str, lora_setup: Setup, 
     assert ((res.nucleus_changed[0] > 0) & (res.nucleus_changed[0] < 0.5)).all()
 
 
+@pytest.mark.parametrize("mode", ["rb", "naive"])
+def test_leave_one_out_is_snis_without_that_sequence(mode: str, lora_setup: Setup, tied_setup: Setup) -> None:
+    """``loo[k, n]`` is the SNIS estimate on E without sequence n, computed here by dropping the row and
+    redoing the literal formula on the per-row statistics at θ and θ + ηv (float64 plain loops). The
+    tied setup's larger η moves nuclei, so some weights are exactly 0 there (a dropped sequence that
+    carried no weight)."""
+    for s, eta in ((lora_setup, 0.2), (tied_setup, 0.2)):
+        res = s.run(eta=eta, entropy_mode=mode)
+        args = (s.batch.input_ids, s.batch.attention_mask, s.batch.response_mask, s.tau, s.p)
+        lq0, ent0 = ref_sequence_stats(s.model, *args)
+        e0 = ent0 if mode == "rb" else -lq0
+        n = len(s.batch)
+        for k in range(3):
+            lq1, ent1 = ref_sequence_stats(shifted_copy(s.model, s.direction(k), eta), *args)
+            e1 = ent1 if mode == "rb" else -lq1
+            want = []
+            for j in range(n):
+                keep = [m for m in range(n) if m != j]
+                w = torch.softmax(lq1[keep] - lq0[keep], 0)
+                we1 = torch.where(w > 0, w * e1[keep], torch.zeros_like(w))
+                want.append(we1.sum() - e0[keep].mean())
+            _close(res.loo[k], torch.stack(want))
+        # not degenerate: the weights vary and the leave-one-out values differ
+        assert (res.ess < n - 1e-3).all() and (res.loo.std(-1) > 1e-6).all()
+
+
 def test_eta_zero_and_zero_direction_are_exact(lora_setup: Setup) -> None:
     s = lora_setup
     dirs = {n: t.clone() for n, t in s.dirs.items()}
@@ -138,7 +164,7 @@ def test_eta_zero_and_zero_direction_are_exact(lora_setup: Setup) -> None:
         assert res.ess[r, k] == n and res.retained_mass[r, k] == 1
         assert res.logw_max[r, k] == 0 and res.logw_min[r, k] == 0
         assert res.nucleus_changed[r, k] == 0
-        assert (res.per_sequence[r, k] == 0).all()
+        assert (res.per_sequence[r, k] == 0).all() and (res.loo[r, k] == 0).all()
         assert torch.isnan(res.khat[r, k])  # k̂ of equal weights is NaN
     assert (res.delta_h[1, [0, 2]] != 0).all()
 
@@ -148,7 +174,8 @@ def test_delta_h_true_is_the_k1_slice(lora_setup: Setup) -> None:
     multi = s.run(eta=[0.01, 0.1])
     one = dh.delta_h_true(s.lm.params, s.direction(2), s.batch, lm=s.lm, policy=s.policy, eta=[0.01, 0.1])
     assert one.delta_h.shape == (2,) and one.per_sequence.shape == (2, len(s.batch))
-    for f in (*PER_DIR, "per_sequence"):
+    assert one.loo.shape == (2, len(s.batch))
+    for f in (*PER_DIR, "per_sequence", "loo"):
         _close(getattr(one, f), getattr(multi, f)[:, 2])
     scalar = dh.delta_h_true(s.lm.params, s.direction(2), s.batch, lm=s.lm, policy=s.policy, eta=0.1)
     assert scalar.delta_h.shape == () and scalar.per_sequence.shape == (len(s.batch),)
@@ -161,7 +188,7 @@ def test_eta_sweep_equals_separate_calls(lora_setup: Setup) -> None:
     for i, eta in enumerate((0.02, 0.3)):
         single = s.run(eta=eta)
         assert single.delta_h.shape == (3,)
-        for f in (*PER_DIR, "per_sequence"):
+        for f in (*PER_DIR, "per_sequence", "loo"):
             _close(getattr(sweep, f)[i], getattr(single, f))
 
 
@@ -179,7 +206,7 @@ def lora_base(lora_setup: Setup) -> dh.TrueDeltaH:
                                 {"tf_batch_size": 7}, {"head_chunk": 3}])
 def test_chunking_invariance(kw: dict, lora_setup: Setup, lora_base: dh.TrueDeltaH) -> None:
     got = lora_setup.run(eta=0.1, **kw)
-    for f in (*PER_DIR, "per_sequence", "h_orig", "h_orig_per_token"):
+    for f in (*PER_DIR, "per_sequence", "loo", "h_orig", "h_orig_per_token"):
         _close(getattr(got, f), getattr(lora_base, f))
 
 
@@ -192,6 +219,7 @@ def test_padding_and_permutation_invariance(side: str, lora_setup: Setup, lora_b
     for f in PER_DIR:
         _close(getattr(got, f), getattr(lora_base, f), **({"atol": 1e-7} if f == "khat" else {}))
     _close(got.per_sequence, lora_base.per_sequence[:, perm])
+    _close(got.loo, lora_base.loo[:, perm])
 
 
 def test_direction_on_a_subset_of_parameters(lora_setup: Setup) -> None:

@@ -452,3 +452,72 @@ def test_summary_written_without_matplotlib_says_plots_were_skipped(monkeypatch:
     assert rd.read_json("summary.json")["warnings"][-1] == line
     text = (rd.path / "report.md").read_text(encoding="utf-8")
     assert f"- {line}" in text and "![" not in text
+
+
+def with_attribution(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` plus an ``attribution`` section built by the runner's own path (``attribute``, then
+    ``attribution_summary``) from per-sequence contributions with known group sums: only the odd rows
+    (negative advantage, reward 0) lower the entropy; the truncated rows 0, 2, 4 contribute ~0; every
+    response has 5 tokens (the length family cannot split U)."""
+    from deltaH.attribution import Contributions, UpdateTags, attribute
+    from deltaH.runner.stages import Attributed
+    from deltaH.runner.summary import attribution_summary
+
+    rng = np.random.default_rng(1)
+    adv = np.tile([1.0, -1.0], N_U // 2)
+    d = np.where(adv < 0, -2e-4, 1e-6 * rng.standard_normal(N_U))
+    # leave-one-out values: the column plus independent noise of 1e-5 per evaluation sequence, so a group
+    # of k sequences has a jackknife SE of about 1e-5·sqrt(k·N_E) (≈ 2e-4 for 12): the odd rows' sum,
+    # −2.4e-3, is ~10 s.e. from zero and the even rows' ~0 is within noise
+    loo = d[None, :] + 1e-5 * rng.standard_normal((N_E, N_U))
+    base_loo = 5e-4 + 1e-5 * rng.standard_normal(N_E)
+    tags = UpdateTags(advantage=adv, reward=(adv > 0).astype(float),
+                      group=np.repeat(np.arange(N_U // G_U), G_U),
+                      truncated=np.isin(np.arange(N_U), [0, 2, 4]), length=np.full(N_U, 5),
+                      text=[f"answer {i}" for i in range(N_U)])
+    res = attribute(Contributions(d, loo, 5e-4, base_loo), Contributions(0.97 * d, 0.97 * loo, 4.8e-4), tags)
+    info = attribution_summary(Attributed(tags, res, ETA_REF), [f"What is {i // G_U}?" for i in range(N_U)])
+    assert info is not None
+    return {**summary, "attribution": json.loads(json.dumps(dataclasses.asdict(info)))}
+
+
+def test_attribution_section_answers_which_groups_drove_it(tmp_path: Path) -> None:
+    summary, arrays = synthetic()
+    s = typed(with_attribution(summary))
+    att = s.attribution
+    assert att is not None
+    plots = P.make_plots(s, arrays, tmp_path / "plots")
+    assert "attribution.png" in [p.name for p in plots]
+    _check_png(tmp_path / "plots" / "attribution.png")
+    text = R.write_report(s, tmp_path, plots).read_text(encoding="utf-8")
+    neg = next(g for f in att.families if f.name == "advantage_sign" for g in f.groups
+               if g.label == "negative advantage")
+    assert neg.n == 12 and neg.true.delta_h == pytest.approx(-2.4e-3, rel=1e-12)
+    assert 1e-4 < neg.true.se < 4e-4  # the noise put in: about 1e-5·sqrt(12·32)
+    # the answer, in the headline and in the section
+    head = text.split("## Setup")[0]
+    dh, se = _f(neg.true.delta_h), _f(neg.true.se)
+    assert ("**What drove the entropy down** (groups of the update batch with |ΔH| > 2 s.e., true ΔH in nats "
+            f"per sequence; see *What drove it*): negative advantage: {dh} ± {se}") in head
+    sec = text.split("## What drove it")[1].split("\n## ")[0]
+    assert (f"- **advantage sign:** negative advantage lowers it (ΔH = {dh} ± {se}, "
+            f"{_f(100 * neg.true.share)}% of the total); within noise: positive advantage") in sec
+    assert "(the same sequences as advantage sign)." in sec.split("- **reward:**")[1].splitlines()[0]
+    trunc = sec.split("- **truncation:** ")[1].splitlines()[0]
+    assert trunc.startswith("finished (EOS) lowers it (ΔH = ")
+    assert "; within noise: truncated (no EOS) (" in trunc
+    assert ("- **response-length quartile:** not split: every response has the same length (5 tokens)."
+            in sec)
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| advantage sign | negative advantage |"))
+    assert row.startswith(f"| advantage sign | negative advantage | 12 | {dh} ± {se} | "
+                          f"{_f(100 * neg.true.share)}% ± {_f(100 * neg.true.share_se)}% | ")
+    assert "| same-prompt group | group 1: What is 1? | 6 |" in sec
+    assert "| — | baseline (momentum + weight decay) |  | 5e-4 ± " in sec
+    # the top sequences of both directions, with their text
+    lower = sec.split("The 5 update sequences that lower the entropy most:")[1].split("The ")[0]
+    assert "| answer 1 |" in lower and "| -1 |" in lower
+    assert "The 5 update sequences that raise the entropy most:" in sec
+    assert "](plots/attribution.png)" in sec
+    assert "attribution: done" in R.format_summary_table(s)
+    # and from a summary without it
+    assert "Attribution to groups of update sequences: not run" in R.render_report(typed(summary), tmp_path)

@@ -88,3 +88,26 @@ def test_compare_results_finds_a_difference(tmp_path: Path) -> None:
     assert any("arrays/delta_h" in d for d in diffs) and any(d.startswith("h_orig") for d in diffs)
     assert not any("timings" in d for d in diffs)
     assert json.loads((a.path / "summary.json").read_text())["h_orig"] == 2.0
+
+
+def test_the_attribution_stage_round_trips(tmp_path: Path) -> None:
+    """Attributed (tags with numpy arrays and text, nested result records, NaN standard errors) is stored
+    and rebuilt equal."""
+    from deltaH.attribution import Contributions, UpdateTags, attribute
+    from deltaH.runner.stages import Attributed
+
+    t = UpdateTags(advantage=[1.0, -1.0, 1.0, -1.0], reward=[1, 0, 1, 0], group=[0, 0, 1, 1],
+                   truncated=[0, 1, 0, 0], length=[1, 2, 3, 4], text=list("abcd"))
+    rng = np.random.default_rng(0)
+    res = attribute(Contributions(np.arange(4.0), rng.random((5, 4)), 1.0, rng.random(5)),
+                    Contributions(np.arange(4.0), None, 1.0), t)
+    cache = StageCache(tmp_path)
+    cache.put("attribution", "k", Attributed(t, res, 0.1))
+    got = cache.get("attribution", "k")
+    assert isinstance(got, Attributed) and got.eta == 0.1 and got.tags.text == t.text
+    for name in ("advantage", "reward", "group", "truncated", "length"):
+        np.testing.assert_array_equal(getattr(got.tags, name), getattr(t, name))
+    assert got.result.omitted == res.omitted and got.result.rank_true == res.rank_true
+    assert got.result.families[0].groups[0].true == res.families[0].groups[0].true
+    np.testing.assert_array_equal(got.result.delta_h_se, res.delta_h_se)
+    assert np.isnan(got.result.total.first_order.se)

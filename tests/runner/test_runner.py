@@ -99,6 +99,59 @@ def test_summary_is_consistent(full_run: Path) -> None:
     assert s["checkpoint"]["kind"] == "trainer" and s["checkpoint"]["global_step"] == 5
 
 
+def test_attribution_agrees_with_the_saved_arrays(full_run: Path) -> None:
+    """summary.attribution, the per-sequence arrays and batches/update.jsonl tell one story: each group's ΔH
+    is the sum of its rows' influence column sums, its SE the jackknife of the saved leave-one-out columns,
+    the total adds the baseline's ΔH at η_ref, and the tags follow from the saved batch."""
+    s = json.loads((full_run / "summary.json").read_text())
+    a, arr = s["attribution"], ResultsDir.open(full_run).load_arrays()
+    d, d1 = arr["update_delta_h"], arr["update_delta_h1"]
+    np.testing.assert_allclose(d, arr["influence_true"].sum(0), rtol=1e-12, atol=1e-18)
+    np.testing.assert_allclose(d1, arr["influence_first_order"].sum(0), rtol=1e-12, atol=1e-18)
+    j = s["eta"].index(s["eta_reference"])
+    base = s["decompositions"]["baseline"]
+    assert a["baseline"]["true"]["delta_h"] == base["delta_h"][j]
+    d1_base = base["first_order"]["delta_h"][j]
+    assert a["baseline"]["first_order"]["delta_h"] == pytest.approx(d1_base, rel=1e-12)
+    assert a["total"]["true"]["delta_h"] == pytest.approx(d.sum() + base["delta_h"][j], rel=1e-12)
+    tags = {
+        "advantage_sign": {"positive advantage": arr["update_advantages"] > 0,
+                           "negative advantage": arr["update_advantages"] < 0},
+        "truncation": {"truncated (no EOS)": arr["update_truncated"],
+                       "finished (EOS)": ~arr["update_truncated"]},
+    }
+    n_checked = 0
+    for fam in a["families"]:
+        for g in fam["groups"]:
+            if fam["name"] == "prompt_group":
+                rows = arr["update_group"] == int(g["label"].split(":")[0].removeprefix("group "))
+            elif fam["name"] in tags:
+                rows = tags[fam["name"]][g["label"]]
+            else:
+                continue
+            assert g["n"] == rows.sum()
+            for kind, col, loo in (("true", d, "influence_true_loo"),
+                                   ("first_order", d1, "influence_first_order_loo")):
+                assert g[kind]["delta_h"] == pytest.approx(col[rows].sum(), rel=1e-12, abs=1e-18)
+                g_loo = arr[loo][:, rows].sum(1)
+                se = np.sqrt((len(g_loo) - 1) / len(g_loo) * ((g_loo - g_loo.mean()) ** 2).sum())
+                assert g[kind]["se"] == pytest.approx(se, rel=1e-9)
+            n_checked += 1
+    assert n_checked >= 6  # advantage sign and the four prompt groups at least
+    # the tags: a response shorter than max_new_tokens stopped at EOS; rows carry their contributions
+    rows = [json.loads(ln) for ln in (full_run / "batches" / "update.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["n_tokens"] == arr["update_length"][r["row"]]
+        assert r["truncated"] == bool(arr["update_truncated"][r["row"]])
+        assert r["n_tokens"] == 6 or not r["truncated"]  # policy.max_new_tokens=6
+        assert r["delta_h"] == d[r["row"]] and r["delta_h1_se"] == arr["update_delta_h1_se"][r["row"]]
+    top = a["top_lower"][0]
+    assert top["delta_h"] == d.min() and top["response"] == rows[top["row"]]["response"]
+    report = (full_run / "report.md").read_text()
+    assert "## What drove it" in report and "](plots/attribution.png)" in report
+    assert (full_run / "plots" / "attribution.png").is_file()
+
+
 def test_trust_verdicts_are_stored_and_reported(full_run: Path) -> None:
     """top-p run: the nucleus-changed fraction sits beside ESS/k̂/retained mass for every η and
     decomposition; every decomposition has per-η verdicts; every untrusted η is in the warnings of
@@ -210,7 +263,7 @@ def test_interrupt_then_resume_redoes_only_unfinished_stages(tmp_path: Path) -> 
     done = dict(e for e in events if e[1] != "start")
     for finished in ("batches", "theta_stats", "directions", "first_order", "eta_grid", "true_sweep"):
         assert done[finished] == "cached", finished  # not recomputed
-    assert done["influence"] == "computed" and done["proxy"] == "computed"
+    assert done["influence"] == done["attribution"] == done["proxy"] == "computed"
     assert ResultsDir.open(out).progress()["status"] == "complete"
     assert (out / "report.md").is_file() and not (out / "cache").exists()  # the cache served its purpose
 
