@@ -15,6 +15,7 @@ be copied into code.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,6 +172,10 @@ def format_summary_table(summary: RunSummary) -> str:
     w = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in [header, *rows]]
     lines.append("")
+    rp = summary.replay
+    if not missing(rp) and rp.source:
+        err = "" if math.isnan(rp.step_error) else f", replay error {show(rp.step_error)}"
+        lines.append(f"update batch: {rp.source} (step {show(rp.step)}){err}")
     optional = (("influence", summary.influence), ("attribution", summary.attribution),
                 ("kernel", summary.kernel), ("proxy", summary.proxy))
     for name, part in optional:

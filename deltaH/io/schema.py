@@ -239,7 +239,7 @@ class BatchesInfo:
 
 @dataclass(frozen=True)
 class UpdateInfo:
-    loss_type: str = _f("the RL loss normalisation (loss.type)")
+    loss_type: str = _f("the RL loss (loss.type; a replayed step's: the trainer's loss_type)")
     lr_ref: float = _f("the learning rate of the next step (η = lr_ref reproduces it)")
     clip_coef: float = _f("gradient-clipping factor applied: min(1, max_norm / (‖g‖ + 1e-6))")
     grad_norm: float = _f("norm of the full-batch gradient before clipping")

@@ -313,7 +313,12 @@ def summarise(
         timings=timings,
         checkpoint=checkpoint_summary(inp),
         batches=batches_summary(cfg, bt),
-        update=sc.UpdateInfo(cfg.loss.type, ud.lr_ref, ud.clip_coef, ud.grad_norm),
+        update=sc.UpdateInfo(
+            cfg.loss.type if dr.replay is None else str(dr.replay.options.get("loss_type")),
+            ud.lr_ref,
+            ud.clip_coef,
+            ud.grad_norm,
+        ),
         h_orig=sw.h_orig,
         h_orig_per_token=sw.h_orig_per_token,
         entropy_mode=cfg.analyses.entropy_mode,
