@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_recording  # type: ignore[attr-defined]
 
         bench_recording.main(["--out", os.path.join(args.out, "recording.json"), *q])
+    if importlib.util.find_spec("trl") is not None:
+        from benchmarks import bench_replay
+
+        bench_replay.main(["--out", os.path.join(args.out, "replay.json"), *q])
     return 0
 
 
