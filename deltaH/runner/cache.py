@@ -181,6 +181,8 @@ class StageCache:
             self._event(name, "cached")
             return hit  # type: ignore[return-value,no-any-return]
         value = compute() if where == "all" or distributed.is_main() else None
+        if where != "all":
+            distributed.after_main()  # the others wait for rank 0 outside the collective timeout
         if where == "main":
             value = distributed.broadcast(value)
         self.put(name, key, value)

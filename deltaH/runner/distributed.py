@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -55,6 +56,7 @@ FAULT_ENV = "DELTAH_FAULT"
 DEFAULT_TIMEOUT_S = 600.0
 POLL_S = 0.2
 ACK_WAIT_S = 60.0
+_SESSION: Session | None = None  # the open session of this process (at most one)
 
 
 def launched() -> bool:
@@ -91,6 +93,23 @@ def broadcast(obj: T) -> T:
     box = [pack(obj) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return unpack(box[0])  # type: ignore[no-any-return]
+
+
+def after_main() -> None:
+    """Hold the other ranks until rank 0 is through work it does alone (sampling, reporting stages,
+    writing), by a key in the rendezvous store rather than a collective: a long solo step must not
+    run into the collective timeout. A failure meanwhile still ends them (the watchdog). Every rank
+    calls it at the same points; nothing happens outside a :class:`Session`."""
+    s = _SESSION
+    if s is None:
+        return
+    s.waits += 1
+    key = f"after-main/{s.waits}"
+    if s.rank == 0:
+        s.store.set(key, "1")
+        return
+    while not s.store.check([key]):  # polled: a blocking wait would time out (and log) while rank 0 works
+        time.sleep(POLL_S)
 
 
 def inject_fault(stage: str) -> None:
@@ -161,6 +180,7 @@ class Session:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._sigterm: Any = signal.SIG_DFL
+        self.waits = 0  # calls of after_main so far (the same on every rank)
 
     def __enter__(self) -> Session:
         timeout = datetime.timedelta(seconds=timeout_s())
@@ -191,6 +211,8 @@ class Session:
         self._watchdog = threading.Thread(target=self._watch, name="deltaH-watchdog", daemon=True)
         self._watchdog.start()
         self._sigterm = signal.signal(signal.SIGTERM, self._terminated)
+        global _SESSION
+        _SESSION = self
         log.debug("rank %d of %d joined (%s)", r, w, "nccl" if cuda else "gloo")
         return self
 
@@ -200,9 +222,12 @@ class Session:
         if exc is not None:
             self._fail(exc)
         try:
-            dist.barrier()  # rank 0 may still be writing; a failure there reaches the watchdog meanwhile
+            after_main()  # rank 0 may still be writing; a failure there reaches the watchdog meanwhile
+            dist.barrier()
         except Exception as err:  # noqa: BLE001 - a peer died without a word: end like any failure
             self._fail(err)
+        global _SESSION
+        _SESSION = None
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.join()
@@ -212,7 +237,10 @@ class Session:
     # -- failures ------------------------------------------------------------------------------
     def _terminated(self, signum: int, frame: Any) -> None:
         if not self._lock.locked():  # already leaving: let the exit finish
-            raise Terminated("terminated by SIGTERM: torchrun stops every rank once one of them exits (see its summary for the first failure)")
+            raise Terminated(
+                "terminated by SIGTERM: torchrun stops every rank once one of them exits (its summary "
+                "names the first failure)"
+            )
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -291,9 +319,11 @@ def _set_quietly(store: Any, key: str) -> None:
 
 
 def _wait_quietly(store: Any, key: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     try:
-        store.wait([key], datetime.timedelta(seconds=seconds))
-    except Exception:  # noqa: BLE001 - rank 0 is gone or slow: leave anyway
+        while not store.check([key]) and time.monotonic() < deadline:
+            time.sleep(POLL_S / 4)
+    except Exception:  # noqa: BLE001 - rank 0 is gone: leave anyway
         pass
 
 

@@ -245,9 +245,10 @@ def analyse_checkpoint(
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy, "main_only")
     debug = cfg.output.detail == "debug"
-    diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), debug, "main_only")
+    diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), debug)
     timings["total"] = time.perf_counter() - t0
     if rd is None:  # another rank of a distributed run: rank 0 writes
+        distributed.after_main()
         return None
 
     summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
@@ -257,6 +258,7 @@ def analyse_checkpoint(
     summary = write_summary_and_report(rd, cfg, summary)  # as written (a plots-skipped warning included)
     rd.mark_done("report")
     cache.clear()  # the results folder now holds everything; the cache only served --resume
+    distributed.after_main()
     return summary
 
 
@@ -315,6 +317,8 @@ def run(
     rd.set_progress(status="running", error=None)
     failed: list[str] = []
     with run_guard(rd):  # run.log, status on failure, removal of a folder a failed run left empty
+        if distributed.world() > 1:
+            log.info("one run on %d processes; this is rank 0, which writes", distributed.world())
         if len(paths) == 1:
             analyse_checkpoint(cfg, paths[0], rd, quiet, on_stage)
         else:

@@ -669,12 +669,15 @@ def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovariancePr
 
 
 def diagnostics(cfg: Config, inp: Inputs, bt: Batches) -> TokenDiagnostics:
-    """Per-token diagnostics of E at θ (``output.detail: debug``)."""
-    return token_diagnostics(
+    """Per-token diagnostics of E at θ (``output.detail: debug``); each rank's tokens, gathered in order."""
+    ev = shard.eval_shard(cfg, bt.eval.batch)
+    d = token_diagnostics(
         inp.lm,
         inp.params,
-        bt.eval.batch,
+        ev.batch,
         policy=inp.policy,
         eos_token_ids=eos_ids(inp.tokenizer),
         tf_batch_size=cfg.compute.tf_batch_size,
     )
+    d = dataclasses.replace(d, row=d.row + ev.rows.start)  # rows of E, not of the shard
+    return TokenDiagnostics(**{f.name: shard.gather(getattr(d, f.name), 0) for f in dataclasses.fields(d)})

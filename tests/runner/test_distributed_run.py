@@ -24,10 +24,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
 
 from deltaH.io.compare import compare_results
+from deltaH.runner.shard import span
 
-pytestmark = pytest.mark.slow  # two or three Python processes each importing torch and transformers
+slow = pytest.mark.slow  # two or three Python processes, each importing torch and transformers
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "toy.yaml")
@@ -48,7 +51,8 @@ TIMEOUT_S = 600  # the collective timeout: a failure must end the run long befor
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DELTAH_FAULT")}
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DELTAH_FAULT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                DELTAH_DIST_TIMEOUT=str(TIMEOUT_S), **extra)
     return env
@@ -67,6 +71,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@given(n=hs.integers(1, 200), unit=hs.integers(1, 20), world=hs.integers(1, 9))
+def test_shards_are_contiguous_whole_blocks_in_rank_order(n: int, unit: int, world: int) -> None:
+    parts = [span(n, unit, r, world) for r in range(world)]
+    assert parts[0].start == 0 and parts[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False))  # a partition, in order
+    blocks = -(-n // unit)
+    sizes = [p.stop - p.start for p in parts]
+    if blocks >= world:  # whole blocks, as even as blocks allow: every chunk is one a single process forms
+        assert all(p.start % unit == 0 for p in parts)
+        per_rank = [-(-size // unit) for size in sizes]  # blocks (the last one of E may be short)
+        assert max(per_rank) - min(per_rank) <= 1 and min(per_rank) > 0
+    else:  # fewer blocks than ranks: single rows, so each rank gets one when n allows
+        assert max(sizes) - min(sizes) <= 1
+
+
+@slow
 def test_torchrun_two_ranks_write_the_one_process_folder(tmp_path: Path) -> None:
     one = subprocess.Popen([sys.executable, *_run_args(tmp_path / "one")], cwd=tmp_path, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -85,6 +105,7 @@ def test_torchrun_two_ranks_write_the_one_process_folder(tmp_path: Path) -> None
     assert not (tmp_path / "two" / "cache").exists()
 
 
+@slow
 def test_a_failure_on_rank_1_ends_both_ranks(tmp_path: Path) -> None:
     """Rank 1 raises at the first-order stage while rank 0 is inside that stage's collectives: both
     processes exit 1 within seconds (not after the collective timeout), rank 0 marks the folder."""
