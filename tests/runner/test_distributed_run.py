@@ -30,6 +30,7 @@ from hypothesis import strategies as hs
 from deltaH.io.compare import compare_results
 from deltaH.runner.shard import span
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # and the processes started here: OMP_NUM_THREADS=1
 slow = pytest.mark.slow  # two or three Python processes, each importing torch and transformers
 
 ROOT = Path(__file__).resolve().parents[2]
