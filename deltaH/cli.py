@@ -6,6 +6,10 @@ user's reward function raising: one line ``deltah: failed: ...``, the traceback 
 ``run.log`` (or on the console with ``--verbose``); 1 also for a study of several checkpoints some
 of which failed (status ``partial``): one line ``deltah: partial: ...`` naming them and the run
 folder (``--resume`` retries them); 130 interrupted.
+
+Under ``torchrun --nproc_per_node=N -m deltaH run ...`` the run is shared by N processes
+(:mod:`deltaH.runner.distributed`): rank 0 prints, logs and draws progress bars; the others log
+warnings only, prefixed with their rank. A failure on any rank ends every rank with the code above.
 """
 
 from __future__ import annotations
@@ -61,10 +65,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from deltaH.runner.distributed import rank
+
     args = _parser().parse_args(argv)
+    if rank() > 0:  # another process of a torchrun launch: quiet, its lines marked with its rank
+        args.quiet = True
+        logging.captureWarnings(True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO),
-        format="%(levelname)s %(name)s: %(message)s",
+        format=(f"[rank {rank()}] " if rank() > 0 else "") + "%(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
         # Library deprecation chatter (peft/transformers) is not the user's business here.
@@ -93,15 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeltaHError as exc:  # bad input: the message names the key or file and the fix
         if args.verbose:
             raise
-        print(f"deltah: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"{_rank_tag()}deltah: error: {_first_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a failure, not bad input (RewardError included: the user's code failed)
         if args.verbose:
             raise
         where = getattr(exc, "run_log", None)  # set by the results folder's run_guard
         hint = f"traceback in {where}" if where else "rerun with --verbose for the traceback"
-        print(f"deltah: failed: {type(exc).__name__}: {_first_line(exc)} ({hint})", file=sys.stderr)
+        what = f"{type(exc).__name__}: {_first_line(exc)}"
+        print(f"{_rank_tag()}deltah: failed: {what} ({hint})", file=sys.stderr)
         return 1
+
+
+def _rank_tag() -> str:
+    """``[rank r] `` before the lines of a torchrun process other than rank 0 (nothing otherwise)."""
+    from deltaH.runner.distributed import rank
+
+    return f"[rank {rank()}] " if rank() > 0 else ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -111,6 +128,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from deltaH.config import load_config
+    from deltaH.runner.distributed import Session, is_main, launched
 
     if args.resume is not None:
         from deltaH.errors import ResumeError
@@ -125,13 +143,20 @@ def _run(args: argparse.Namespace) -> int:
             from deltaH.runner.resume import check_same_results
 
             check_same_results(rd.path, cfg)
-            print(f"results: {rd.path} (already complete: nothing was changed)")
+            if is_main():
+                print(f"results: {rd.path} (already complete: nothing was changed)")
             return 0
     else:
         cfg = load_config(args.config, args.overrides)  # validated before any model loads
     from deltaH.runner import run
 
-    path = Path(run(cfg, out=args.out, resume=args.resume, quiet=args.quiet))
+    if launched():  # torchrun: one run on WORLD_SIZE processes; a failure anywhere ends them all
+        with Session(cfg.checkpoint.device, verbose=args.verbose):
+            path = Path(run(cfg, out=args.out, resume=args.resume, quiet=args.quiet))
+        if not is_main():
+            return 0
+    else:
+        path = Path(run(cfg, out=args.out, resume=args.resume, quiet=args.quiet))
     print(f"results: {path}")
     study = path / "study.json"
     if not study.is_file():

@@ -220,10 +220,10 @@ def _reverse_slope(
 def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``slope [K]``, per-sequence ``c' [K, N]``, jackknife SE of the slope ``[K]`` and the
     leave-one-out slopes ``[K, N]``."""
-    s_a = _dist.all_sum(a.sum(1))
-    s_b = _dist.all_sum(b.sum(1))
-    s_e = _dist.all_sum(e.sum())
-    s_ae = _dist.all_sum((a * e).sum(1))
+    s_a = _dist.sum_rows(a, 1)
+    s_b = _dist.sum_rows(b, 1)
+    s_e = _dist.sum_rows(e, 0)
+    s_ae = _dist.sum_rows(a * e, 1)
     a_bar = s_a / n_total
     slope = s_b / n_total + s_ae / n_total - a_bar * (s_e / n_total)
     per_seq = (b + e * (a - a_bar.unsqueeze(1))) / n_total
@@ -234,8 +234,8 @@ def _combine(a: Tensor, b: Tensor, e: Tensor, n_total: Tensor) -> tuple[Tensor, 
         + (s_ae.unsqueeze(1) - a * e) / m
         - ((s_a.unsqueeze(1) - a) / m) * ((s_e - e) / m)
     )
-    loo_mean = _dist.all_sum(loo.sum(1)) / n_total
-    var = (m / n_total) * _dist.all_sum(((loo - loo_mean.unsqueeze(1)) ** 2).sum(1))
+    loo_mean = _dist.sum_rows(loo, 1) / n_total
+    var = (m / n_total) * _dist.sum_rows((loo - loo_mean.unsqueeze(1)) ** 2, 1)
     return slope, per_seq, var.sqrt(), loo
 
 
@@ -276,7 +276,7 @@ def delta_h_first_order(
     e = base.e(entropy_mode).double()
     n_total = _dist.count(e.shape[0], e.device)
     su = _Setup(lm, params, chunks_of(batch, tf_batch_size), policy, head_chunk, entropy_mode, base,
-                e, _dist.all_sum(e.sum()) / n_total, n_total, on_progress)
+                e, _dist.sum_rows(e, 0) / n_total, n_total, on_progress)
     per_seq: Tensor | None
     stderr: Tensor | None
     loo: Tensor | None
@@ -350,7 +350,7 @@ def _curvature(su: _Setup, dirs: Mapping[str, Tensor]) -> Tensor:
     out = []
     for k in range(_trees.n_stacked(dirs)):
         v = {n: d[k] for n, d in dirs.items()}
-        a_l, b_l, s2 = [], [], torch.zeros((), dtype=torch.float64, device=e.device)
+        a_l, b_l, d2_l = [], [], []
         start = 0
         for c in su.chunks:
             coef = (e[start : start + c.n] - su.h_orig).double()
@@ -371,12 +371,16 @@ def _curvature(su: _Setup, dirs: Mapping[str, Tensor]) -> Tensor:
 
             zero = torch.zeros((), dtype=next(iter(params.values())).dtype, device=e.device)
             d2, (a, b) = torch.func.grad(g, has_aux=True)(zero)
-            s2 = s2 + d2.double()
+            d2_l.append(d2.double())
             a_l.append(a)
             b_l.append(b)
         a, b = torch.cat(a_l), torch.cat(b_l)
-        a_bar = _dist.all_sum(a.sum()) / n_total
-        var_a = _dist.all_sum(((a - a_bar) ** 2).sum()) / n_total
+        a_bar = _dist.sum_rows(a, 0) / n_total
+        var_a = _dist.sum_rows((a - a_bar) ** 2, 0) / n_total
         terms = ((a - a_bar) ** 2 - var_a) * e + 2 * (a - a_bar) * b
-        out.append((_dist.all_sum(terms.sum()) + _dist.all_sum(s2)) / n_total)
+        # Σ over chunks of every rank in chunk order, left to right as one process adds them.
+        s2 = torch.zeros((), dtype=torch.float64, device=e.device)
+        for d2 in _dist.all_cat(torch.stack(d2_l), 0):
+            s2 = s2 + d2
+        out.append((_dist.sum_rows(terms, 0) + s2) / n_total)
     return torch.stack(out)

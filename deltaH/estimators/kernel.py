@@ -14,6 +14,10 @@ of update sequence ``i`` is ``ĉ_i = −clip·coef_i·P·∇log π(t_i)``, the f
 ``method="projection"`` streams over sequences and keeps seeded random projections (CountSketch:
 each coordinate hashed to one of ``k`` buckets with a random sign) of the gradients,
 ``K ≈ (G_E P S)(G_U S)ᵀ`` (memory ``O((N_E + N_U)·k)``; unbiased, error ∝ 1/√k).
+
+Rows of ``K`` are multiplied out ``seq_chunk`` evaluation sequences at a time, so a row's value does
+not depend on how many rows the call holds: a rank of a distributed run that passes its shard of E
+(starting on a multiple of ``seq_chunk``) gets exactly the rows one process would.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def fisher_kernel(
                 lm, params, update_batch, temperature=tau, names=block, seq_chunk=seq_chunk
             )
             p = torch.cat([precond[n].reshape(-1).double() for n in block])
-            kern += (_flat(g_e, block) * p) @ _flat(g_u, block).T
+            kern += _rows_times(_flat(g_e, block) * p, _flat(g_u, block).T, seq_chunk)
         return kern
     if int(proj_dim) < 1:
         raise ArgumentError(f"proj_dim must be >= 1, got {proj_dim!r}")
@@ -115,7 +119,13 @@ def fisher_kernel(
             out.append(_project(flat, sizes, k, seed))
         return torch.cat(out)
 
-    return project(eval_batch, "eval") @ project(update_batch, "update").T
+    return _rows_times(project(eval_batch, "eval"), project(update_batch, "update").T, seq_chunk)
+
+
+def _rows_times(a: Tensor, b: Tensor, rows: int) -> Tensor:
+    """``a @ b`` in blocks of ``rows`` rows of ``a`` (module docstring: a row's value does not depend on
+    how many rows ``a`` has)."""
+    return torch.cat([a[s : s + rows] @ b for s in range(0, a.shape[0], rows)]) if a.shape[0] else a @ b
 
 
 def _project(flat: Tensor, sizes: Sequence[int], k: int, seed: int) -> Tensor:

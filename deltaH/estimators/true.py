@@ -87,8 +87,8 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
     lq1 = logq1.double()
     e1 = SequenceStats.pick(ent1, -lq1, entropy_mode).double()
     n_total = _dist.count(lq0.shape[0], lq0.device)
-    sum_e0 = _dist.all_sum(e0.sum())
-    sum_tok = _dist.all_sum(ntok.sum())
+    sum_e0 = _dist.sum_rows(e0, 0)
+    sum_tok = _dist.sum_rows(ntok, 0)
     h_orig = sum_e0 / n_total
     h_orig_tok = sum_e0 / sum_tok
 
@@ -99,13 +99,13 @@ def snis(base: SequenceStats, logq1: Tensor, ent1: Tensor, entropy_mode: str = "
     shift = torch.where(dead, torch.zeros_like(lmax), lmax)
     u = torch.exp(logw - shift.unsqueeze(1))  # [K, N], max 1
     ue1 = torch.where(u > 0, u * e1, torch.zeros_like(u))  # 0·∞ = 0 (naive mode, dead sequences)
-    s = _dist.all_sum(u.sum(1))
-    s2 = _dist.all_sum((u * u).sum(1))
-    s_ue1 = _dist.all_sum(ue1.sum(1))
-    s_utok = _dist.all_sum((u * ntok).sum(1))
+    s = _dist.sum_rows(u, 1)
+    s2 = _dist.sum_rows(u * u, 1)
+    s_ue1 = _dist.sum_rows(ue1, 1)
+    s_utok = _dist.sum_rows(u * ntok, 1)
     # c_n = (u_n e'_n − (S/N) e_n) / S: exactly 0 when θ' = θ (u ≡ 1, S = N).
     per_seq = (ue1 - (s / n_total).unsqueeze(1) * e0) / s.unsqueeze(1)
-    delta = _dist.all_sum(per_seq.sum(1))
+    delta = _dist.sum_rows(per_seq, 1)
     # Leave sequence n out: Σu e'/Σu moves by u_n (Σu e'/Σu − e'_n)/(Σu − u_n) and mean e by
     # (e_n − H_orig)/(N − 1). Written as ΔH plus these changes, so the jackknife's differences of
     # leave-one-out values keep their digits.

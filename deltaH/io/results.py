@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from deltaH import _dist
 from deltaH.errors import DeltaHError, OutputExistsError, ResumeError
 
 SUMMARY_GZIP_BYTES = 1 << 20
@@ -213,6 +214,31 @@ def log_traceback(path: Path, what: str) -> None:
         handler.close()
 
 
+# Folders whose run_guard is open, or was left by an exception: where the process group's failure
+# handling (deltaH.runner.distributed) records another rank's error.
+_GUARDS: list[ResultsDir] = []
+
+
+def open_guards() -> list[ResultsDir]:
+    """The folders of the open :func:`run_guard` blocks (outermost first), and those left by an exception."""
+    return list(_GUARDS)
+
+
+def record_failure(
+    rd: ResultsDir, error: str, traceback_text: str, bad_input: bool, status: str = "failed"
+) -> None:
+    """Mark ``rd`` as :func:`run_guard` marks a failed run, for an error raised elsewhere (another
+    rank of a distributed run): its status and one-line ``error``, the traceback text appended to
+    ``run.log``, and a folder this run created that holds no result yet removed after bad input."""
+    if not rd.path.is_dir():
+        return
+    rd.set_progress(status=status, error=error)
+    with open(rd.path / RUN_LOG, "a", encoding="utf-8") as f:
+        f.write(f"{_dt.datetime.now():%Y-%m-%d %H:%M:%S} ERROR deltaH: run failed: {error}\n{traceback_text}")
+    if rd.owned and bad_input and rd.holds_no_results():
+        shutil.rmtree(rd.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def run_guard(rd: ResultsDir) -> Iterator[None]:
     """The edge around a run's work in ``rd``: its log file, its status, and what a failure leaves.
@@ -230,12 +256,16 @@ def run_guard(rd: ResultsDir) -> Iterator[None]:
     logger = logging.getLogger("deltaH")
     handler = _log_file(rd.path / RUN_LOG)
     logger.addHandler(handler)
+    _GUARDS.append(rd)
+    keep = False  # a distributed run's failure handling may yet record another rank's error here
     try:
         yield
     except KeyboardInterrupt:
         rd.set_progress(status="incomplete", error="interrupted (Ctrl-C); continue with --resume")
+        keep = _dist.active()
         raise
     except Exception as exc:
+        keep = _dist.active()
         rd.set_progress(status="failed", error=f"{type(exc).__name__}: {exc}")
         logger.removeHandler(handler)
         handler.close()
@@ -249,6 +279,8 @@ def run_guard(rd: ResultsDir) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         handler.close()
+        if not keep:
+            _GUARDS.remove(rd)
 
 
 def to_numpy(x: Any) -> Any:

@@ -161,15 +161,30 @@ class StageCache:
         torch.save({"key": key, "value": packed}, tmp)
         os.replace(tmp, path)
 
-    def stage(self, name: str, key: str, compute: Callable[[], T]) -> T:
-        """``compute()`` once per key: a cached value is returned as it was saved."""
+    def stage(self, name: str, key: str, compute: Callable[[], T], where: str = "all") -> T:
+        """``compute()`` once per key: a cached value is returned as it was saved.
+
+        In a distributed run only rank 0 has a cache folder; it decides hit or miss for every rank.
+        ``where`` says who computes on a miss: ``all`` (every rank: the estimators' collectives run
+        inside), ``main`` (rank 0, its value then broadcast) or ``main_only`` (rank 0; the others get
+        None). A hit reaches every rank but, for ``main_only``, rank 0 alone.
+        """
+        from deltaH.runner import distributed
+
+        assert where in ("all", "main", "main_only"), where
         self._event(name, "start")
         hit = self.get(name, key)
-        if hit is not None:
+        if distributed.broadcast(hit is not None):
+            if where != "main_only":
+                hit = distributed.broadcast(hit)
             log.info("%s: loaded from the run's cache", name)
             self._event(name, "cached")
-            return hit  # type: ignore[no-any-return]
-        value = compute()
+            return hit  # type: ignore[return-value,no-any-return]
+        value = compute() if where == "all" or distributed.is_main() else None
+        if where != "all":
+            distributed.after_main()  # the others wait for rank 0 outside the collective timeout
+        if where == "main":
+            value = distributed.broadcast(value)
         self.put(name, key, value)
         self._event(name, "computed")
-        return value
+        return value  # type: ignore[return-value,no-any-return]

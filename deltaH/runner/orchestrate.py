@@ -3,6 +3,10 @@
 :func:`analyse_checkpoint` reads as the data flow of one checkpoint; every stage after loading
 goes through the run's :class:`~deltaH.runner.cache.StageCache`, keyed by the config slice it
 reads, so ``--resume`` recomputes only what did not finish.
+
+In a distributed run (``torch.distributed`` initialised: :mod:`deltaH.runner.distributed`) every
+rank calls :func:`run` and the stages; rank 0 alone samples E and U (broadcast to the others),
+owns the results folder and the cache, and writes; the others hold ``rd = None``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -21,9 +25,11 @@ from deltaH.config import Config
 from deltaH.errors import CheckpointError, ConfigError, ResumeError
 from deltaH.io.results import ResultsDir, run_guard, to_jsonable
 from deltaH.io.schema import RunSummary
+from deltaH.runner import distributed
 from deltaH.runner import stages as st
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
 from deltaH.runner.resume import check_same_results
+from deltaH.runner.shard import check_world
 from deltaH.runner.summary import summarise
 from deltaH.runner.write import write_analyses, write_batches, write_summary_and_report, write_sweep
 
@@ -196,30 +202,35 @@ def fresh_adamw(model: torch.nn.Module, lr: float) -> Any:
 
 
 def analyse_checkpoint(
-    cfg: Config, ckpt_path: str, rd: ResultsDir, quiet: bool = False, on_stage: OnStage | None = None
-) -> RunSummary:
-    """One checkpoint's analyses into ``rd``; returns the summary."""
+    cfg: Config, ckpt_path: str, rd: ResultsDir | None, quiet: bool = False, on_stage: OnStage | None = None
+) -> RunSummary | None:
+    """One checkpoint's analyses into ``rd``; returns the summary (None on ranks other than 0 of a
+    distributed run, which pass ``rd = None`` and write nothing)."""
     t0, timings = time.perf_counter(), {}
     torch.manual_seed(cfg.seed)
-    inp = load_inputs(cfg, ckpt_path, quiet)
+    inp = load_inputs(cfg, ckpt_path, quiet or not distributed.is_main())
     timings["load"] = time.perf_counter() - t0
-    cache = StageCache(rd.path / "cache", on_stage)
+    cache = StageCache(None if rd is None else rd.path / "cache", on_stage)
     keys = stage_keys(cfg, fingerprint(ckpt_path), source_fingerprints(inp.source))
 
-    def stage(name: str, fn: Callable[[], Any], enabled: bool = True) -> Any:
+    def stage(name: str, fn: Callable[[], Any], enabled: bool = True, where: str = "all") -> Any:
+        """Stage ``name`` through the cache; ``where`` computes it (see ``StageCache.stage``): the
+        estimator stages on every rank, sampling on rank 0 (broadcast), reporting stages on rank 0."""
         if not enabled:
             return None
+        distributed.inject_fault(name)
         t = time.perf_counter()
-        out = cache.stage(name, keys[name], fn)
+        out = cache.stage(name, keys[name], fn, where)
         timings[name] = time.perf_counter() - t
         return out
 
     a = cfg.analyses
-    bt = stage("batches", lambda: st.build_batches(cfg, inp))
+    bt = stage("batches", lambda: st.build_batches(cfg, inp), where="main").to(inp.lm.device)
     base = stage("theta_stats", lambda: st.theta_stats(cfg, inp, bt))
     dr = stage("directions", lambda: st.directions(cfg, inp, bt))
     fo = stage("first_order", lambda: st.first_order(cfg, inp, bt, dr, base))
-    grid = stage("eta_grid", lambda: st.eta_grid(cfg, inp, bt, dr, base, fo))
+    # rank 0's grid for every rank: the number of η values sets the number of collectives that follow
+    grid = distributed.broadcast(stage("eta_grid", lambda: st.eta_grid(cfg, inp, bt, dr, base, fo)))
     sw = stage("true_sweep", lambda: st.true_sweep(cfg, inp, bt, dr, base, grid))
     so = stage("second_order", lambda: st.second_order(cfg, inp, bt, dr, base, grid), a.second_order)
     has_kl = dr.replay is not None and dr.replay.grad_kl is not None
@@ -229,11 +240,16 @@ def analyse_checkpoint(
         inp.source.next_checkpoint is not None or has_kl,
     )
     inf = stage("influence", lambda: st.influence(cfg, inp, bt, dr, base), a.influence)
-    att = stage("attribution", lambda: st.attribution(cfg, inp, bt, dr, fo, grid, sw, inf), inf is not None)
+    att = stage("attribution", lambda: st.attribution(cfg, inp, bt, dr, fo, grid, sw, inf), inf is not None,
+                "main_only")
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
-    px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy)
-    diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), cfg.output.detail == "debug")
+    px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy, "main_only")
+    debug = cfg.output.detail == "debug"
+    diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), debug)
     timings["total"] = time.perf_counter() - t0
+    if rd is None:  # another rank of a distributed run: rank 0 writes
+        distributed.after_main()
+        return None
 
     summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
     write_batches(rd, cfg, bt, base, diag, att)
@@ -242,6 +258,7 @@ def analyse_checkpoint(
     summary = write_summary_and_report(rd, cfg, summary)  # as written (a plots-skipped warning included)
     rd.mark_done("report")
     cache.clear()  # the results folder now holds everything; the cache only served --resume
+    distributed.after_main()
     return summary
 
 
@@ -279,18 +296,29 @@ def run(
     Several checkpoints make a study (:func:`deltaH.runner.study.run_study`): a checkpoint that fails
     is recorded in ``study.json`` and the others go on; the folder then ends with status ``partial``
     in ``progress.json`` (its ``error`` names the failed checkpoints), and ``resume`` retries only the
-    checkpoints that did not complete. If every checkpoint fails, the first failure is raised."""
+    checkpoints that did not complete. If every checkpoint fails, the first failure is raised.
+
+    In a distributed run every rank calls it; rank 0 returns the folder it wrote, the others the
+    same path (they write nothing), and a failing checkpoint of a study ends the run (one rank cannot
+    go on to the next checkpoint while another is blocked in the failed one's collectives)."""
     paths = resolve_checkpoints(cfg.checkpoint.path)
     from deltaH.preflight import preflight
 
-    preflight(cfg, paths)  # bad input fails here, before a results folder exists
+    preflight(cfg, paths)  # bad input fails here (on every rank), before a results folder exists
+    check_world(cfg, distributed.world())
+    if not distributed.is_main():
+        return _follow(cfg, paths, quiet, on_stage)
     rd = open_results(cfg, out, resume)
-    if resume is not None and rd.progress().get("status") == "complete":
+    done = resume is not None and rd.progress().get("status") == "complete"
+    distributed.broadcast((str(rd.path), done))  # what the other ranks do next (see _follow)
+    if done:
         log.info("%s is already complete: nothing to do", rd.path)
         return rd.path
     rd.set_progress(status="running", error=None)
     failed: list[str] = []
     with run_guard(rd):  # run.log, status on failure, removal of a folder a failed run left empty
+        if distributed.world() > 1:
+            log.info("one run on %d processes; this is rank 0, which writes", distributed.world())
         if len(paths) == 1:
             analyse_checkpoint(cfg, paths[0], rd, quiet, on_stage)
         else:
@@ -304,3 +332,17 @@ def run(
     else:
         rd.set_progress(status="complete", error=None)
     return rd.path
+
+
+def _follow(cfg: Config, paths: list[str], quiet: bool, on_stage: OnStage | None) -> Path:
+    """:func:`run` on a rank other than 0: the same stages without a folder, rank 0's folder and
+    decisions received by broadcast."""
+    path, done = cast(tuple[str, bool], distributed.broadcast(None))
+    if not done:
+        if len(paths) == 1:
+            analyse_checkpoint(cfg, paths[0], None, quiet, on_stage)
+        else:
+            from deltaH.runner.study import run_study
+
+            run_study(cfg, paths, None, quiet, on_stage)
+    return Path(path)

@@ -3,12 +3,15 @@
 load inputs → batches → θ-side statistics → directions → first order (η = 1 slopes) → η grid →
 true sweep → second order → influence → attribution → kernel → proxy → token diagnostics. Every stage but
 the first returns a frozen dataclass that :mod:`deltaH.runner.cache` can store, so a resumed run
-reloads finished stages instead of recomputing them. The orchestrator is
+reloads finished stages instead of recomputing them. In a distributed run each rank passes its shard
+of E (and of U's per-sequence gradients) to the estimators and every stage returns the global value,
+per-sequence arrays gathered in row order (:mod:`deltaH.runner.shard`). The orchestrator is
 :func:`deltaH.runner.orchestrate.analyse_checkpoint`; the summary is built in :mod:`deltaH.runner.summary`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -33,6 +36,7 @@ from deltaH.estimators.true import TrueDeltaH, base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
 from deltaH.io.progress import progress_bar
 from deltaH.policy import SamplingPolicy
+from deltaH.runner import shard
 from deltaH.runner.recorded import UpdateSource, recorded_update_batch
 from deltaH.sampling.builders import EvalBatch, UpdateBatch
 from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
@@ -104,6 +108,13 @@ class Batches:
 
     eval: EvalBatch
     update: UpdateBatch
+
+    def to(self, device: torch.device) -> Batches:
+        """E's and U's token tensors on ``device`` (a cached or broadcast batch arrives on the CPU)."""
+        return Batches(
+            dataclasses.replace(self.eval, batch=self.eval.batch.to(device)),
+            dataclasses.replace(self.update, batch=self.update.batch.to(device)),
+        )
 
     @property
     def n_resampled(self) -> int:
@@ -340,10 +351,12 @@ def build_batches(cfg: Config, inp: Inputs) -> Batches:
 
 
 def theta_stats(cfg: Config, inp: Inputs, bt: Batches) -> SequenceStats:
+    ev = shard.eval_shard(cfg, bt.eval.batch)
     with torch.no_grad():
-        return base_stats(
-            inp.lm, inp.params, bt.eval.batch, inp.policy, cfg.compute.tf_batch_size, cfg.compute.head_chunk
+        st = base_stats(
+            inp.lm, inp.params, ev.batch, inp.policy, cfg.compute.tf_batch_size, cfg.compute.head_chunk
         )
+    return shard.gather_stats(st)
 
 
 def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
@@ -362,6 +375,7 @@ def directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
         max_grad_norm=cfg.checkpoint.max_grad_norm,
         seq_chunk=cfg.compute.seq_chunk,
         on_progress=progress_bar("per-sequence gradients of U", inp.quiet, "seq"),
+        rows=shard.update_rows(cfg, len(bt.update.batch)),
     )
     eta_ref, source = eta_reference(cfg.eta.reference, ud.lr_ref, inp.ckpt.logged_lr, str(inp.ckpt.path))
     dr = Directions(ud, eta_ref, fresh=cfg.checkpoint.optimizer == "fresh", eta_source=source)
@@ -404,15 +418,19 @@ def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
 
 def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:
     """δH₁ slopes (η = 1) of the four decompositions, with jackknife standard errors."""
-    return delta_h_first_order(
+    ev = shard.eval_shard(cfg, bt.eval.batch, base)
+    fo = delta_h_first_order(
         inp.params,
         dr.stacked,
-        bt.eval.batch,
+        ev.batch,
         eta=1.0,
         mode="forward",
-        base=base,
+        base=ev.base,
         on_progress=progress_bar("first order δH₁", inp.quiet),
         **inp.kw(cfg),
+    )
+    return dataclasses.replace(
+        fo, per_sequence=shard.gather(fo.per_sequence, -1), loo=shard.gather(fo.loo, -1)
     )
 
 
@@ -425,8 +443,10 @@ def _sweep(
     dirs: Mapping[str, Tensor],
     desc: str,
 ) -> list[TrueDeltaH]:
+    """True ΔH at each η; per-sequence fields hold this rank's rows of E."""
+    ev = shard.eval_shard(cfg, bt.eval.batch, base)
     return [
-        delta_h_true_multi(inp.params, dirs, bt.eval.batch, eta=e, base=base, **inp.kw(cfg))
+        delta_h_true_multi(inp.params, dirs, ev.batch, eta=e, base=ev.base, **inp.kw(cfg))
         for e in tqdm(etas, desc=desc, disable=inp.quiet, leave=False)
     ]
 
@@ -472,11 +492,11 @@ def true_sweep(
     res = _sweep(cfg, inp, bt, base, grid.etas, dr.stacked, "true ΔH")
     return Sweep(
         fields={k: torch.stack([getattr(r, k).double().cpu() for r in res]) for k in SWEEP_FIELDS},
-        per_sequence_full=torch.stack([r.per_sequence[0].double().cpu() for r in res]),
+        per_sequence_full=shard.gather(torch.stack([r.per_sequence[0].double() for r in res]), -1).cpu(),
         h_orig=float(res[0].h_orig),
         h_orig_per_token=float(res[0].h_orig_per_token),
         khat_threshold=float(res[0].khat_threshold),
-        loo_ref=res[ref_index(grid.etas, dr.eta_ref)].loo.double().cpu(),
+        loo_ref=shard.gather(res[ref_index(grid.etas, dr.eta_ref)].loo.double(), -1).cpu(),
     )
 
 
@@ -484,14 +504,15 @@ def second_order(
     cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats, grid: EtaGrid
 ) -> Tensor:
     """½η²·d²ΔH/dη² along each decomposition ``[n_eta, 4]``."""
+    ev = shard.eval_shard(cfg, bt.eval.batch, base)
     fo2 = delta_h_first_order(
         inp.params,
         dr.stacked,
-        bt.eval.batch,
+        ev.batch,
         eta=grid.etas,
         mode="forward",
         second_order=True,
-        base=base,
+        base=ev.base,
         **inp.kw(cfg),
     )
     assert fo2.second_order is not None
@@ -499,25 +520,31 @@ def second_order(
 
 
 def influence(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> InfluencePair:
-    comps = dr.update.components
-    args = (inp.params, comps, bt.eval.batch)
+    """The influence matrices ``[N_E, N_U]``: each rank sweeps every column (update sequence) over its
+    rows of E; the rows are gathered in order."""
+    ev = shard.eval_shard(cfg, bt.eval.batch, base)
+    args = (inp.params, dr.update.components, ev.batch)
+
+    def rows_gathered(m: Influence) -> Influence:
+        return dataclasses.replace(m, matrix=shard.gather(m.matrix, 0), loo=shard.gather(m.loo, 0))
+
     return InfluencePair(
-        true=influence_matrix(
+        true=rows_gathered(influence_matrix(
             *args,
             eta=dr.eta_ref,
             kind="true",
-            base=base,
+            base=ev.base,
             on_progress=progress_bar("influence, true ΔH", inp.quiet, "col"),
             **inp.kw(cfg),
-        ),
-        first_order=influence_matrix(
+        )),
+        first_order=rows_gathered(influence_matrix(
             *args,
             eta=dr.eta_ref,
             kind="first_order",
-            base=base,
+            base=ev.base,
             on_progress=progress_bar("influence, first order", inp.quiet),
             **inp.kw(cfg),
-        ),
+        )),
     )
 
 
@@ -559,9 +586,10 @@ def realised(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: Sequen
         for n in inp.params:
             dirs[n].append(eta_parts * tree[n].to(first.dtype))
     stacked = {n: torch.stack(v) for n, v in dirs.items()}
-    res = delta_h_true_multi(inp.params, stacked, bt.eval.batch, eta=1.0, base=base, **inp.kw(cfg))
+    ev = shard.eval_shard(cfg, bt.eval.batch, base)
+    res = delta_h_true_multi(inp.params, stacked, ev.batch, eta=1.0, base=ev.base, **inp.kw(cfg))
     fo = delta_h_first_order(
-        inp.params, stacked, bt.eval.batch, eta=1.0, mode="forward", base=base, **inp.kw(cfg)
+        inp.params, stacked, ev.batch, eta=1.0, mode="forward", base=ev.base, **inp.kw(cfg)
     )
     se = fo.stderr if fo.stderr is not None else torch.full_like(fo.slope, float("nan"))
     norm = (
@@ -613,10 +641,12 @@ def _np(x: Tensor | None) -> Any:
 
 
 def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> Tensor:
-    return fisher_kernel(
+    """The cross Fisher kernel ``[N_E, N_U]``, rows of E sharded across ranks and gathered."""
+    ev = shard.eval_shard(cfg, bt.eval.batch)
+    return shard.gather(fisher_kernel(
         inp.lm,
         inp.params,
-        bt.eval.batch,
+        ev.batch,
         bt.update.batch,
         dr.update.precond,
         policy=inp.policy,
@@ -624,7 +654,7 @@ def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> Tensor:
         proj_dim=cfg.analyses.kernel_proj_dim,
         seed=inp.seeds.kernel,
         seq_chunk=cfg.compute.seq_chunk,
-    )
+    ), 0)
 
 
 def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovarianceProxy:
@@ -639,12 +669,15 @@ def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovariancePr
 
 
 def diagnostics(cfg: Config, inp: Inputs, bt: Batches) -> TokenDiagnostics:
-    """Per-token diagnostics of E at θ (``output.detail: debug``)."""
-    return token_diagnostics(
+    """Per-token diagnostics of E at θ (``output.detail: debug``); each rank's tokens, gathered in order."""
+    ev = shard.eval_shard(cfg, bt.eval.batch)
+    d = token_diagnostics(
         inp.lm,
         inp.params,
-        bt.eval.batch,
+        ev.batch,
         policy=inp.policy,
         eos_token_ids=eos_ids(inp.tokenizer),
         tf_batch_size=cfg.compute.tf_batch_size,
     )
+    d = dataclasses.replace(d, row=d.row + ev.rows.start)  # rows of E, not of the shard
+    return TokenDiagnostics(**{f.name: shard.gather(getattr(d, f.name), 0) for f in dataclasses.fields(d)})

@@ -5,6 +5,10 @@ checkpoint that fails is recorded in ``study.json`` as ``{"checkpoint", "status"
 and in the study's ``run.log`` with its traceback, and the others are analysed all the same. The run
 then ends ``partial`` (:func:`deltaH.runner.orchestrate.run`); ``--resume`` analyses again only the
 checkpoints whose sub-folder is not complete.
+
+In a distributed run every rank walks the checkpoints; rank 0 alone has the folders (the others pass
+``rd = None``) and tells the others which checkpoints are already complete. A failure there ends the
+whole run (:mod:`deltaH.runner.distributed`) instead of moving on to the next checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from deltaH import _dist
 from deltaH.config import Config
 from deltaH.io.results import RUN_LOG, ResultsDir, log_traceback, run_guard
+from deltaH.runner import distributed
 from deltaH.runner.summary import ref_index
 
 log = logging.getLogger(__name__)
@@ -76,20 +82,26 @@ def _sub_folder(rd: ResultsDir, i: int, ckpt_path: str) -> ResultsDir:
     return sub
 
 
-def _analyse(cfg: Config, ckpt_path: str, sub: ResultsDir, quiet: bool, on_stage: Any) -> dict[str, Any]:
-    """One checkpoint in its guard (run.log, status); returns its study row."""
+def _analyse(
+    cfg: Config, ckpt_path: str, sub: ResultsDir | None, quiet: bool, on_stage: Any
+) -> dict[str, Any] | None:
+    """One checkpoint in its guard (run.log, status); returns its study row (None without a folder:
+    another rank of a distributed run)."""
     from deltaH.runner.orchestrate import analyse_checkpoint
 
-    if sub.progress().get("status") != "complete":
+    if not distributed.broadcast(sub is not None and sub.progress().get("status") == "complete"):
+        if sub is None:
+            analyse_checkpoint(cfg, ckpt_path, None, quiet, on_stage)
+            return None
         sub.set_progress(status="running", error=None)
         with run_guard(sub):
             analyse_checkpoint(cfg, ckpt_path, sub, quiet, on_stage)
         sub.set_progress(status="complete", error=None)
-    return study_row(ckpt_path, sub.read_json("summary.json"))
+    return None if sub is None else study_row(ckpt_path, sub.read_json("summary.json"))
 
 
 def run_study(
-    cfg: Config, paths: list[str], rd: ResultsDir, quiet: bool, on_stage: Any = None
+    cfg: Config, paths: list[str], rd: ResultsDir | None, quiet: bool, on_stage: Any = None
 ) -> list[str]:
     """Analyse each checkpoint of ``paths`` into ``rd/NN-<name>``, write ``study.json`` (one row per
     checkpoint, in order) and ``plots/trajectory.png`` (the checkpoints that succeeded); returns the
@@ -98,10 +110,18 @@ def run_study(
     """
     rows: list[dict[str, Any]] = []
     first_failure: Exception | None = None
+    if rd is None:  # another rank of a distributed run: the same checkpoints, rank 0 writes
+        for p in paths:
+            _analyse(cfg, p, None, quiet, on_stage)
+        return []
     for i, p in enumerate(tqdm(paths, desc="checkpoints", disable=quiet)):
         try:
-            rows.append(_analyse(cfg, p, _sub_folder(rd, i, p), quiet, on_stage))
+            row_ok = _analyse(cfg, p, _sub_folder(rd, i, p), quiet, on_stage)
+            assert row_ok is not None
+            rows.append(row_ok)
         except Exception as exc:  # one checkpoint's failure never discards the others
+            if _dist.active():
+                raise  # ... but in a distributed run the other ranks may be blocked inside it: end the run
             row = failed_row(p, exc)
             rows.append(row)
             log_traceback(rd.path / RUN_LOG, f"checkpoint {p} failed")

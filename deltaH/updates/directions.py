@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH import _dist
 from deltaH._choices import DECOMPOSITIONS as DECOMPOSITIONS
 from deltaH.batch import SequenceBatch
-from deltaH.errors import BatchError, CheckpointError
+from deltaH.errors import ArgumentError, BatchError, CheckpointError
 from deltaH.functional import FunctionalLM
 from deltaH.updates.adamw import AdamWState, adamw_decompose, unit_lr
 from deltaH.updates.grads import sequence_logprob_grads
@@ -69,11 +70,18 @@ def update_directions(
     max_grad_norm: float | None = None,
     seq_chunk: int = 8,
     on_progress: Callable[[int, int], None] | None = None,
+    rows: slice | None = None,
 ) -> UpdateDirections:
     """Directions of the AdamW step on ``batch`` (U, ``M`` sequences, advantages ``adv [M]``).
 
     ``on_progress(done, total)``, if given, is called as the per-sequence gradients finish
     (sequences done out of ``M``), for a progress bar at the edge.
+
+    ``rows`` (a distributed run, ``torch.distributed`` initialised): this rank computes the
+    per-sequence gradients of rows ``rows`` of ``batch`` only (the loss coefficients still come from
+    the whole batch); the ranks' rows, contiguous and in rank order, are gathered so every rank
+    returns the full result. A shard starting on a multiple of ``seq_chunk`` makes the same
+    ``vmap`` calls as one process: the result is bit-identical to it.
     """
     lm.check_names(params)
     missing = [n for n in params if n not in state.names]
@@ -94,10 +102,24 @@ def update_directions(
         max_completion_length=max_completion_length,
     )
     names = list(params)
-    g_seq, _ = sequence_logprob_grads(
-        lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk, on_progress=on_progress
-    )
-    per_seq = {n: g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
+    mine = batch if rows is None else batch.select(rows)
+    if len(mine):
+        g_seq, _ = sequence_logprob_grads(
+            lm, params, mine, temperature=temperature, names=names, seq_chunk=seq_chunk,
+            on_progress=on_progress,
+        )
+    else:  # more ranks than update sequences: this one holds none
+        g_seq = {n: params[n].new_zeros((0, *params[n].shape)) for n in names}
+    c = coef if rows is None else coef[rows]
+    per_seq = {n: g * c.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
+    if rows is not None:
+        per_seq = {n: _dist.all_cat(g, 0) for n, g in per_seq.items()}
+        got = next(iter(per_seq.values())).shape[0]
+        if got != len(batch):
+            raise ArgumentError(
+                f"rows {rows} of {len(batch)} update sequences gathered to {got} rows: pass rows only in a "
+                "distributed run, each rank its own contiguous shard, in rank order"
+            )
     return directions_from_grads(params, per_seq, state, coef=coef, max_grad_norm=max_grad_norm)
 
 
