@@ -22,6 +22,7 @@ from deltaH.errors import CheckpointError, ConfigError, ResumeError
 from deltaH.io.results import ResultsDir, run_guard, to_jsonable
 from deltaH.io.schema import RunSummary
 from deltaH.runner import stages as st
+from deltaH.runner import token_stages as ts
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
 from deltaH.runner.resume import check_same_results
 from deltaH.runner.summary import summarise
@@ -50,6 +51,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attribution": ((), ("batches", "first_order", "true_sweep", "influence")),
     "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
     "proxy": ((), ("directions",)),
+    "token_influence": (("analyses.entropy_mode",), ("directions", "theta_stats")),
+    "proxies": (("analyses.influence",), ("token_influence", "influence")),
     "diagnostics": ((), ("batches",)),
 }
 
@@ -232,13 +235,19 @@ def analyse_checkpoint(
     att = stage("attribution", lambda: st.attribution(cfg, inp, bt, dr, fo, grid, sw, inf), inf is not None)
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy)
+    tok = stage("token_influence", lambda: ts.token_influence_stage(cfg, inp, bt, dr, base),
+                a.token_influence)
+    pxs = stage("proxies", lambda: ts.proxies_stage(cfg, inp, bt, dr, tok, inf), tok is not None)
     diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), cfg.output.detail == "debug")
     timings["total"] = time.perf_counter() - t0
 
     summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
-    write_batches(rd, cfg, bt, base, diag, att)
+    if tok is not None:
+        summary = dataclasses.replace(summary, proxies=ts.proxies_summary(inp, bt, dr, tok, pxs))
+    write_batches(rd, cfg, bt, base, diag, att, lambda rows: ts.token_rows(rows, bt, dr, tok, pxs))
     write_sweep(rd, cfg, grid.etas, sw, fo.slope)
     write_analyses(rd, cfg, inf, kern, att)
+    ts.write_token_arrays(rd, dr, tok, pxs)
     summary = write_summary_and_report(rd, cfg, summary)  # as written (a plots-skipped warning included)
     rd.mark_done("report")
     cache.clear()  # the results folder now holds everything; the cache only served --resume
