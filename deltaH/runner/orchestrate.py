@@ -51,7 +51,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attribution": ((), ("batches", "first_order", "true_sweep", "influence")),
     "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
     "proxy": ((), ("directions",)),
-    "token_influence": (("analyses.entropy_mode",), ("directions", "theta_stats")),
+    "token_influence": ((), ("first_order",)),  # the same inputs as δH₁ (entropy_mode, directions, θ stats)
     "proxies": (("analyses.influence",), ("token_influence", "influence")),
     "diagnostics": ((), ("batches",)),
 }
