@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BUDGETS = (0.0002, 0.002, 0.02)  # Clip-Cov / KL-Cov's token budgets: 0.02%, 0.2%, 2%
+_CHUNK_ELEMENTS = 262_144  # resamples × tokens handled at once: [B, n] arrays of 2 MB stay in cache
 
 
 @dataclass(frozen=True)
@@ -128,77 +129,80 @@ def lowering(values: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Sorted:
-    """One token series sorted once, so each bootstrap resample costs O(n): the stable ``order``,
-    the tie group of each sorted position, and the negative entries most negative first (ties in
-    index order, as :func:`lowering`)."""
+    """One series sorted once, so that every bootstrap resample costs O(n): the stable ``order``,
+    the tie group of each sorted position and where each group starts, and the negative entries most
+    negative first (ties in index order, as :func:`lowering`)."""
 
     order: np.ndarray
     group: np.ndarray
-    n_groups: int
+    starts: np.ndarray
     neg: np.ndarray
 
 
 def _presort(x: np.ndarray) -> _Sorted:
     order = np.argsort(x, kind="stable")
     xs = x[order]
-    group = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1 if x.size else np.zeros(0, dtype=np.int64)
-    return _Sorted(order, group, int(group[-1]) + 1 if x.size else 0, order[xs < 0])
+    first = np.r_[True, xs[1:] != xs[:-1]]
+    return _Sorted(order, np.cumsum(first) - 1, np.flatnonzero(first), order[xs < 0])
 
 
+# Resamples are rows of a count matrix C [B, n]: entry j holds how often item j (a token, or a
+# sequence) appears in the resample; the full sample is a row of ones. Every statistic below is
+# the one of the literal resample (items repeated), computed from C without repeating anything.
 def _ranks(s: _Sorted, c: np.ndarray) -> np.ndarray:
-    """Average ranks of every token in a resample holding token ``j`` ``c[j]`` times (by token)."""
-    gw = np.bincount(s.group, weights=c[s.order], minlength=s.n_groups)
-    out = np.empty(c.size)
-    out[s.order] = (np.cumsum(gw) - gw + (gw + 1) / 2)[s.group]
+    """Average ranks ``[B, n]`` of every item in each resample (ties share their average rank)."""
+    gw = np.add.reduceat(c[:, s.order], s.starts, axis=1)  # each tie group's size in the resample
+    out = np.empty_like(c)
+    out[:, s.order] = (np.cumsum(gw, axis=1) - gw + (gw + 1) / 2)[:, s.group]
     return out
 
 
-def _wspearman(ra: np.ndarray, rb: np.ndarray, c: np.ndarray) -> float:
-    """:func:`spearman` of a resample from the ranks :func:`_ranks` gives (equal to it for ``c = 1``)."""
-    n = float(c.sum())
-    if n < 2:
-        return math.nan
-    ra, rb = ra - (n + 1) / 2, rb - (n + 1) / 2
-    den = math.sqrt(float((c * ra * ra).sum()) * float((c * rb * rb).sum()))
-    return float((c * ra * rb).sum()) / den if den > 0 else math.nan
+def _wspearman(ra: np.ndarray, rb: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """:func:`spearman` of each resample ``[B]`` from the ranks :func:`_ranks` gives."""
+    n = c.sum(1, keepdims=True)
+    a, b = ra - (n + 1) / 2, rb - (n + 1) / 2
+    den = np.sqrt((c * a * a).sum(1) * (c * b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (c * a * b).sum(1) / den
+    return np.where((n[:, 0] >= 2) & (den > 0), out, math.nan)
 
 
-def _wsign(r: np.ndarray, e: np.ndarray, c: np.ndarray) -> float:
-    """:func:`sign_agreement` of the resample with multiplicities ``c``."""
+def _wsign(r: np.ndarray, e: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """:func:`sign_agreement` of each resample ``[B]``."""
     w = c * (e != 0)
-    tot = float(w.sum())
-    return float((w * (np.sign(r) == np.sign(e))).sum()) / tot if tot > 0 else math.nan
+    tot = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, (w * (np.sign(r) == np.sign(e))).sum(1) / tot, math.nan)
 
 
-def _take(s: _Sorted, c: np.ndarray, k: int) -> np.ndarray:
-    """How many copies of each token the resample's :func:`lowering` selection of ``k`` holds."""
-    cn = c[s.neg]
-    out = np.zeros(c.size)
-    out[s.neg] = np.clip(k - (np.cumsum(cn) - cn), 0, cn)
+def _take(s: _Sorted, c: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``[B, n]``: how many copies of each item the resample's :func:`lowering` selection of ``k[b]``
+    holds."""
+    cn = c[:, s.neg]
+    before = np.cumsum(cn, axis=1) - cn  # copies of more negative items
+    cut = int((before < k[:, None]).sum(1).max()) if s.neg.size else 0  # nothing is taken beyond
+    out = np.zeros_like(c)
+    out[:, s.neg[:cut]] = np.clip(k[:, None] - before[:, :cut], 0, cn[:, :cut])
     return out
 
 
-def _topk(
-    sr: _Sorted, takes_e: list[np.ndarray], e: np.ndarray, c: np.ndarray, ks: Sequence[int]
-) -> list[float]:
-    """precision, recall, share and exact share of each ``k`` on the resample ``c``; ``takes_e``: the
-    exact selections (:func:`_take` of ``e``)."""
-    total = float((c * e).sum())
-    out: list[float] = []
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den != 0, num / np.where(den != 0, den, 1.0), math.nan)
+
+
+def _topk(sr: _Sorted, takes_e: list[np.ndarray], e: np.ndarray, c: np.ndarray,
+          ks: list[np.ndarray]) -> list[np.ndarray]:
+    """precision, recall, share and exact share ``[B]`` of each budget; ``takes_e``: the exact
+    selections (:func:`_take` of ``e``), ``ks``: ``k`` per resample of each budget."""
+    total = (c * e).sum(1)
+    out: list[np.ndarray] = []
     for k, te in zip(ks, takes_e, strict=True):
         tr = _take(sr, c, k)
-        hit, nr, ne = float(np.minimum(tr, te).sum()), float(tr.sum()), float(te.sum())
-        out += [hit / nr if nr else math.nan, hit / ne if ne else math.nan,
-                float((tr * e).sum()) / total if total != 0 else math.nan,
-                float((te * e).sum()) / total if total != 0 else math.nan]
+        hit = np.minimum(tr, te).sum(1)
+        out += [_ratio(hit, tr.sum(1)), _ratio(hit, te.sum(1)), _ratio((tr * e).sum(1), total),
+                _ratio((te * e).sum(1), total)]
     return out
-
-
-def _seq_stats(r_seq: np.ndarray, m_seq: np.ndarray | None) -> list[float]:
-    if m_seq is None:
-        return [math.nan, math.nan]
-    ok = np.isfinite(m_seq)
-    return [spearman(r_seq[ok], m_seq[ok]), sign_agreement(r_seq[ok], m_seq[ok])]
 
 
 def _se(reps: np.ndarray) -> np.ndarray:
@@ -245,22 +249,37 @@ def scoreboard(
 
     rows = np.repeat(np.arange(n_seq), lens)  # the row of each scored token, row-major
     sorted_ = {k: _presort(v) for k, v in tok.items()}
+    ok = np.ones(n_seq, dtype=bool) if m_seq is None else np.isfinite(m_seq)
+    seq_sorted = {k: _presort(v[ok]) for k, v in seq.items()}
+    m_ok = None if m_seq is None else m_seq[ok]
+    m_sorted = None if m_ok is None else _presort(m_ok)
     e = tok["exact"]
-    stats: dict[str, list[list[float]]] = {k: [] for k in tok}  # the full sample, then each resample
-    for sel in [None, *picks]:
-        c = np.ones(rows.size) if sel is None else np.bincount(sel, minlength=n_seq)[rows].astype(np.float64)
-        ks = [budget_k(b, int(c.sum())) for b in budgets]
+    n_stats = 4 + 4 * len(budgets)
+    stats = {k: np.empty((0, n_stats)) for k in tok}  # row 0: the full sample, then each resample
+    counts = [np.ones((1, n_seq)), *[np.bincount(p, minlength=n_seq)[None, :] for p in picks]]
+    step = max(1, _CHUNK_ELEMENTS // max(rows.size, 1))
+    for s0 in range(0, len(counts), step):
+        cs = np.concatenate(counts[s0 : s0 + step]).astype(np.float64)  # [B, M] sequence counts
+        c = cs[:, rows]  # [B, n] token counts
+        n_res = c.sum(1)
+        ks = [np.maximum(1, np.floor(b * n_res)).astype(np.int64) for b in budgets]
         rank_e = _ranks(sorted_["exact"], c)
         takes_e = [_take(sorted_["exact"], c, k) for k in ks]
-        m = m_seq if sel is None or m_seq is None else m_seq[sel]
+        cs_ok = cs[:, ok]
+        rank_m = None if m_sorted is None else _ranks(m_sorted, cs_ok)
         for name, r in tok.items():
-            seq_r = seq[name] if sel is None else seq[name][sel]
-            stats[name].append([_wspearman(_ranks(sorted_[name], c), rank_e, c), _wsign(r, e, c),
-                                *_topk(sorted_[name], takes_e, e, c, ks), *_seq_stats(seq_r, m)])
+            cols = [_wspearman(_ranks(sorted_[name], c), rank_e, c), _wsign(r, e, c),
+                    *_topk(sorted_[name], takes_e, e, c, ks)]
+            if m_ok is None or rank_m is None:
+                cols += [np.full(len(cs), math.nan)] * 2
+            else:
+                cols += [_wspearman(_ranks(seq_sorted[name], cs_ok), rank_m, cs_ok),
+                         _wsign(seq[name][ok], m_ok, cs_ok)]
+            stats[name] = np.concatenate([stats[name], np.stack(cols, 1)])
 
     def score(name: str) -> RuleScore:
-        vals = np.asarray(stats[name][0])
-        ses = _se(np.asarray(stats[name][1:])) if n_boot else np.full(vals.size, math.nan)
+        vals = stats[name][0]
+        ses = _se(stats[name][1:]) if n_boot else np.full(vals.size, math.nan)
         return _score(name, vals, ses, budgets, rows.size)
 
     return Scoreboard(
