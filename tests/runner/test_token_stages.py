@@ -88,3 +88,29 @@ def test_switched_off(tmp_path: Path) -> None:
     assert s.proxies is None and not (out / "arrays" / "token_influence.npy").exists()
     report = (out / "report.md").read_text()
     assert "Token influence and the scoreboard of token-level rules: not run." in report
+
+
+def test_stage_outputs_survive_the_cache(tmp_path: Path) -> None:
+    """``--resume`` reloads both stages from ``cache/<stage>.pt`` as they were computed."""
+    import torch
+
+    from deltaH.estimators.token_influence import TokenInfluence
+    from deltaH.runner.cache import StageCache
+    from deltaH.runner.token_stages import ProxyScores
+    from deltaH.scoreboard import scoreboard
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    t = [torch.randn(2, 3, generator=g, dtype=torch.float64) * mask for _ in range(7)]
+    ti = TokenInfluence(*t, mask=mask, temperature=0.7)
+    board = scoreboard(t[0].numpy(), {"a": t[1].numpy()}, mask.numpy(), np.array([0.1, -0.2]), n_boot=5)
+    px = ProxyScores(["a"], t[1][None], board, True)
+    cache = StageCache(tmp_path / "cache")
+    for name, value in (("token_influence", ti), ("proxies", px)):
+        cache.put(name, "k", value)
+        back = cache.get(name, "k")
+        assert type(back) is type(value)
+    back_ti, back_px = cache.get("token_influence", "k"), cache.get("proxies", "k")
+    assert all(torch.equal(getattr(back_ti, f), getattr(ti, f)) for f in ("influence", "logp", "mask"))
+    assert back_px.board == px.board and back_px.names == ["a"]
+    assert torch.equal(back_px.predictions, px.predictions)
