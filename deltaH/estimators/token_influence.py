@@ -138,7 +138,8 @@ def _chunk(
     parts: list[tuple[Tensor, ...]] = []
     step = head_rows(lm, 2, head_chunk)
     for s in range(0, h.shape[0], step):
-        logits, ldot = torch.func.jvp(head, (head_prim, h[s : s + step]), (head_t, hd[s : s + step]))  # type: ignore[misc]
+        primals, tangents = (head_prim, h[s : s + step]), (head_t, hd[s : s + step])
+        logits, ldot = torch.func.jvp(head, primals, tangents)  # type: ignore[misc]
         y = c.targets[s : s + step]
         cd = compute_dtype(logits.dtype)
         z, zd = logits.to(cd) / temperature, ldot.to(cd) / temperature
