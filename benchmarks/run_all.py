@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_recording  # type: ignore[attr-defined]
 
         bench_recording.main(["--out", os.path.join(args.out, "recording.json"), *q])
+    from benchmarks import bench_tokinf
+
+    bench_tokinf.main(["--out", os.path.join(args.out, "tokinf.json"), *q])
     if importlib.util.find_spec("trl") is not None:
         from benchmarks import bench_replay
 

@@ -17,6 +17,9 @@ _EXPORTS = {
     "SequenceBatch": "deltaH.batch",
     "FirstOrder": "deltaH.estimators.first_order",
     "delta_h_first_order": "deltaH.estimators.first_order",
+    "entropy_gradient": "deltaH.estimators.first_order",
+    "TokenInfluence": "deltaH.estimators.token_influence",
+    "token_influence": "deltaH.estimators.token_influence",
     "TrueDeltaH": "deltaH.estimators.true",
     "delta_h_true": "deltaH.estimators.true",
     "delta_h_true_multi": "deltaH.estimators.true",
@@ -86,9 +89,12 @@ if TYPE_CHECKING:
     from deltaH.errors import UnsupportedOptionError as UnsupportedOptionError
     from deltaH.estimators.first_order import FirstOrder as FirstOrder
     from deltaH.estimators.first_order import delta_h_first_order as delta_h_first_order
+    from deltaH.estimators.first_order import entropy_gradient as entropy_gradient
     from deltaH.estimators.influence import covariance_proxy as covariance_proxy
     from deltaH.estimators.influence import influence_matrix as influence_matrix
     from deltaH.estimators.kernel import fisher_kernel as fisher_kernel
+    from deltaH.estimators.token_influence import TokenInfluence as TokenInfluence
+    from deltaH.estimators.token_influence import token_influence as token_influence
     from deltaH.estimators.true import TrueDeltaH as TrueDeltaH
     from deltaH.estimators.true import delta_h_true as delta_h_true
     from deltaH.estimators.true import delta_h_true_multi as delta_h_true_multi

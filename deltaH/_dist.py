@@ -9,13 +9,30 @@ sums would differ in the last bits); integer counts and maxima are exact either 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_LOCAL = False
+
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _LOCAL and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within this block every reduction is this rank's own (as in one process): for a computation
+    one rank does alone on all the rows."""
+    global _LOCAL
+    old, _LOCAL = _LOCAL, True
+    try:
+        yield
+    finally:
+        _LOCAL = old
 
 
 def _all_reduce(x: Tensor, op: str) -> Tensor:

@@ -270,6 +270,10 @@ class AnalysesConfig:
     proxy: bool = _opt(True, (
         "Published proxies (covariance rule of Cui et al. 2025) beside ΔH (docs/math.md#covariance-proxy)"),
         _boolean())
+    token_influence: bool = _opt(True, (
+        "Each update token's exact first-order effect on the entropy, and a scoreboard of the published "
+        "token-level rules (covariance, STEER, Wang et al., sign rule) against it "
+        "(docs/math.md#token-influence)"), _boolean())
     entropy_mode: str = _opt("rb", (
         "Per-sequence entropy averaged by the estimators: rb (Rao-Blackwellised, lower variance) or "
         "naive (surprisal)"), _choice(*ENTROPY_MODES))

@@ -32,6 +32,9 @@ MATH_SECTIONS = (
     "eta-sweep-and-trust-range",
     "fisher-kernel",
     "covariance-proxy",
+    "token-influence",
+    "token-level-proxies",
+    "proxy-scoreboard",
 )
 LINK = re.compile(r"docs/math\.md#([A-Za-z0-9_-]+)")
 INTERNAL = re.compile(r"\]\(#([A-Za-z0-9_-]+)\)")

@@ -384,3 +384,35 @@ def _curvature(su: _Setup, dirs: Mapping[str, Tensor]) -> Tensor:
             s2 = s2 + d2
         out.append((_dist.sum_rows(terms, 0) + s2) / n_total)
     return torch.stack(out)
+
+
+def entropy_gradient(
+    params: Mapping[str, Tensor],
+    batch: SequenceBatch,
+    *,
+    lm: FunctionalLM,
+    policy: SamplingPolicy,
+    tf_batch_size: int = 16,
+    entropy_mode: str = "rb",
+    head_chunk: int | None = None,
+    names: Sequence[str] | None = None,
+    base: SequenceStats | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Tensor]:
+    """``X = ∇_θ F`` of the reverse mode (module docstring), float64, over ``names`` (default: every
+    parameter of ``params``): ``X · v = dΔH/dη`` at ``η = 0`` along any direction ``v`` on ``batch``.
+
+    One forward and one backward pass over the batch, whatever the number of directions later dotted
+    with it (docs/math.md#token-influence uses it as the tangent of a forward-mode pass over U).
+    """
+    check_options(entropy_mode, 1)
+    lm.check_names(params)
+    with torch.no_grad():
+        if base is None:
+            base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
+    e = base.e(entropy_mode).double()
+    n_total = _dist.count(e.shape[0], e.device)
+    su = _Setup(lm, params, chunks_of(batch, tf_batch_size), policy, head_chunk, entropy_mode, base,
+                e, _dist.all_sum(e.sum()) / n_total, n_total, on_progress)
+    x, _ = _reverse(su, list(params) if names is None else list(names), per_sequence=False)
+    return x

@@ -12,6 +12,9 @@ Covariance proxy (Cui et al. 2025) on the update batch U, over all response toke
 
     Cov = mean_t [(log π(y_t) − mean log π)(A_t − mean A)]     (A_t: its sequence's advantage)
     ΔH_token ≈ −η · Cov            (per-token entropy change; × mean response length per sequence)
+
+Its per-token term is :func:`deltaH.estimators.proxies.covariance_per_token`, scored token by token
+against the exact token influence (docs/math.md#proxy-scoreboard).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from deltaH.io import _report_analyses as analyses
 from deltaH.io import _report_attribution as attribution
+from deltaH.io import _report_proxies as token_rules
 from deltaH.io import _report_replay as replay
 from deltaH.io import _report_sections as sections
 from deltaH.io._present import DECOMPOSITIONS, require_summary
@@ -43,6 +44,8 @@ PLOT_CAPTIONS = {
     "attribution.png": "ΔH summed over groups of update sequences that share a tag, true (solid) and first "
     "order (hatched), ± one jackknife standard error; grey: the momentum + weight-decay baseline",
     "trajectory.png": "H, ΔH and δH₁ along the training steps of the study",
+    "token_influence.png": "each published rule's predicted entropy change of an update token (y) against "
+    "the exact token influence δH₁ (x), one point per scored token; red: positive advantage, blue: negative",
 }
 
 
@@ -114,6 +117,7 @@ def render_report(summary: RunSummary, run_dir: Path, plots: Sequence[Path] = ()
     out += analyses.who(summary, run_dir) + imgs("contributors.png", "influence.png")
     out += attribution.section(summary, ref, run_dir) + imgs("attribution.png")
     out += analyses.proxy(summary, ref)
+    out += token_rules.section(summary) + imgs("token_influence.png")
     out += analyses.kernel(summary)
     if by_name:
         out += ["## Plots", ""] + imgs(*sorted(by_name))
@@ -177,7 +181,7 @@ def format_summary_table(summary: RunSummary) -> str:
         err = "" if math.isnan(rp.step_error) else f", replay error {show(rp.step_error)}"
         lines.append(f"update batch: {rp.source} (step {show(rp.step)}){err}")
     optional = (("influence", summary.influence), ("attribution", summary.attribution),
-                ("kernel", summary.kernel), ("proxy", summary.proxy))
+                ("kernel", summary.kernel), ("proxy", summary.proxy), ("token influence", summary.proxies))
     for name, part in optional:
         lines.append(f"{name}: {NOT_RUN if part is None else 'done'}")
     lines.append(f"trust: {NOT_RECORDED if missing(summary.trust) else 'done'}")

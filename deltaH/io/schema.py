@@ -214,6 +214,71 @@ class ProxyInfo:
 
 
 @dataclass(frozen=True)
+class ScoreEstimate:
+    value: float = _f("the statistic (null: undefined, e.g. no token lowers the entropy)")
+    se: float = _f("its bootstrap standard error over update sequences (null: not computed)")
+
+
+@dataclass(frozen=True)
+class TopKInfo:
+    budget: float = _f("fraction of U's scored tokens selected (Clip-Cov / KL-Cov budgets: 0.0002, 0.002, "
+                       "0.02)")
+    k: int = _f("tokens selected: max(1, ⌊budget · n_tokens⌋)")
+    precision: ScoreEstimate = _f("of the rule's k most entropy-lowering tokens, the fraction in the exact k")
+    recall: ScoreEstimate = _f("of the exact k most entropy-lowering tokens, the fraction the rule selects")
+    share: ScoreEstimate = _f("Σ of the exact token influence over the rule's selection / Σ over all tokens "
+                              "(the fraction of δH₁ along grad its tokens carry)")
+    exact_share: ScoreEstimate = _f("the same for the exact selection (the best any rule can do)")
+
+
+@dataclass(frozen=True)
+class RuleScoreInfo:
+    name: str = _f("covariance | steer | wang_s | wang_xd | sign_rule (exact: the token influence itself)")
+    label: str = _f("the rule's predicted per-token entropy change, in words")
+    source: str = _f("where the rule comes from")
+    spearman: ScoreEstimate = _f("rank correlation with the exact token influence over U's scored tokens")
+    sign_agreement: ScoreEstimate = _f("fraction of tokens (exact ≠ 0) whose predicted sign is the exact "
+                                       "sign")
+    topk: list[TopKInfo] = _f("its top-k token selections against the exact ones, one per budget")
+    seq_spearman: ScoreEstimate = _f("rank correlation of its per-sequence sums with the measured ΔH of each "
+                                     "update sequence (true SNIS influence columns at η_ref; null: "
+                                     "analyses.influence off)")
+    seq_sign_agreement: ScoreEstimate = _f("fraction of update sequences whose summed prediction has the "
+                                           "measured ΔH's sign")
+
+
+@dataclass(frozen=True)
+class TopToken:
+    row: int = _f("update sequence (row of batches/update.jsonl)")
+    index: int = _f("k: the k-th scored token of the row")
+    token_id: int = _f("its token id")
+    text: str | None = _f("the token decoded alone (null: the tokenizer cannot)")
+    delta_h1: float = _f("its δH₁ at η_ref, nats per sequence of E")
+    weight: float = _f("its loss weight ∂L/∂log π")
+    advantage: float = _f("its sequence's advantage")
+    logp: float = _f("log π(y) under softmax(z/τ)")
+    entropy: float = _f("H of softmax(z/τ) at its position")
+    proxies: dict[str, float] = _f("each rule's predicted change (oriented as ΔH, up to a positive factor)")
+
+
+@dataclass(frozen=True)
+class ProxiesInfo:
+    eta: float = _f("η of the token influence (eta.reference)")
+    temperature: float = _f("τ of the trainer's log π = log softmax(z/τ) the rules and the influence read")
+    n_tokens: int = _f("scored tokens of U")
+    n_sequences: int = _f("update sequences N_U")
+    delta_h1_grad: float = _f("Σ over tokens of δH₁ at η: δH₁ along grad (docs/math.md#token-influence)")
+    measured: bool = _f("whether the sequence-level scores used the measured per-sequence ΔH")
+    n_boot: int = _f("bootstrap resamples of update sequences behind every s.e.")
+    seed: int = _f("the bootstrap's seed (config.seed)")
+    exact: RuleScoreInfo | None = _f("the exact token influence's own sequence-level scores (null: no "
+                                     "scoreboard)")
+    rules: list[RuleScoreInfo] = _f("each published rule's scores (docs/math.md#proxy-scoreboard)")
+    not_implemented: dict[str, str] = _f("rules left out, with the reason")
+    top_tokens: list[TopToken] = _f("the 10 update tokens with the largest |δH₁|")
+
+
+@dataclass(frozen=True)
 class EvalBatchInfo:
     n: int = _f("number of evaluation sequences N_E")
     n_prompts: int = _f("distinct prompts among them")
@@ -319,6 +384,9 @@ class RunSummary:
     proxy: ProxyInfo | None = _f("null: analyses.proxy off")
     replay: ReplayInfo = _f("where U came from and, for a step of a run, the step that really happened")
     warnings: list[str] = _f("everything the reader should know before trusting a number")
+    proxies: ProxiesInfo | None = _f("every update token's exact first-order effect on the entropy and the "
+                                     "scoreboard of published token-level rules against it (null: "
+                                     "analyses.token_influence off)", None)
 
     def to_json(self) -> dict[str, Any]:
         """The plain JSON layout of ``summary.json`` (NaN and inf as ``null``)."""

@@ -27,6 +27,7 @@ from deltaH.io.results import ResultsDir, run_guard, to_jsonable
 from deltaH.io.schema import RunSummary
 from deltaH.runner import distributed
 from deltaH.runner import stages as st
+from deltaH.runner import token_stages as ts
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
 from deltaH.runner.resume import check_same_results
 from deltaH.runner.shard import check_world
@@ -56,6 +57,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attribution": ((), ("batches", "first_order", "true_sweep", "influence")),
     "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
     "proxy": ((), ("directions",)),
+    "token_influence": ((), ("first_order",)),  # the same inputs as δH₁ (entropy_mode, directions, θ stats)
+    "proxies": (("analyses.influence",), ("token_influence", "influence")),
     "diagnostics": ((), ("batches",)),
 }
 
@@ -244,6 +247,10 @@ def analyse_checkpoint(
                 "main_only")
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy, "main_only")
+    # one pass over all of E on rank 0 (collectives off), broadcast: the same bits whatever the ranks
+    tok = stage("token_influence", lambda: ts.token_influence_local(cfg, inp, bt, dr, base),
+                a.token_influence, "main")
+    pxs = stage("proxies", lambda: ts.proxies_stage(cfg, inp, bt, dr, tok, inf), tok is not None, "main_only")
     debug = cfg.output.detail == "debug"
     diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), debug)
     timings["total"] = time.perf_counter() - t0
@@ -252,9 +259,12 @@ def analyse_checkpoint(
         return None
 
     summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
-    write_batches(rd, cfg, bt, base, diag, att)
+    if tok is not None:
+        summary = dataclasses.replace(summary, proxies=ts.proxies_summary(inp, bt, dr, tok, pxs))
+    write_batches(rd, cfg, bt, base, diag, att, lambda rows: ts.token_rows(rows, bt, dr, tok, pxs))
     write_sweep(rd, cfg, grid.etas, sw, fo.slope)
     write_analyses(rd, cfg, inf, kern, att)
+    ts.write_token_arrays(rd, dr, tok, pxs)
     summary = write_summary_and_report(rd, cfg, summary)  # as written (a plots-skipped warning included)
     rd.mark_done("report")
     cache.clear()  # the results folder now holds everything; the cache only served --resume

@@ -24,6 +24,7 @@ from deltaH.config import Config
 from deltaH.io.results import RUN_LOG, ResultsDir, log_traceback, run_guard
 from deltaH.runner import distributed
 from deltaH.runner.summary import ref_index
+from deltaH.runner.token_stages import study_columns
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def study_row(ckpt_path: str, s: dict[str, Any]) -> dict[str, Any]:
         "delta_h_ref": full["delta_h"][i],
         "delta_h1_ref": None if first is None else first["delta_h"][i],
         **step_columns(s),
+        **study_columns(s),
     }
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ def write_batches(
     base: SequenceStats,
     diag: TokenDiagnostics | None,
     att: Attributed | None = None,
+    token_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
 ) -> None:
     eval_rows = bt.eval.rows()
     for r, lq, en in zip(eval_rows, base.logq.tolist(), base.entropy.tolist(), strict=True):
@@ -45,6 +48,8 @@ def write_batches(
             r.update(delta_h=float(a.delta_h[i]), delta_h_se=float(a.delta_h_se[i]),
                      delta_h1=float(a.delta_h1[i]), delta_h1_se=float(a.delta_h1_se[i]),
                      truncated=bool(att.tags.truncated[i]))
+    if token_rows is not None and _detailed(cfg):  # each scored update token's δH₁ and the rules' values
+        update_rows = token_rows(update_rows)
     if cfg.output.detail != "minimal":
         rd.write_jsonl("batches/eval.jsonl", eval_rows)
         rd.write_jsonl("batches/update.jsonl", update_rows)

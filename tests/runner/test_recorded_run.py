@@ -162,3 +162,17 @@ def test_a_malformed_rollout_file_writes_nothing(run_dir: Path, tmp_path: Path) 
     with pytest.raises(DataError, match=r"bad.jsonl:4: field 'completion_ids'"):
         runner.run(cfg, out=tmp_path / "bad", quiet=True)
     assert not (tmp_path / "bad").exists()
+
+
+def test_token_influence_of_a_replayed_step_sums_to_its_first_order_change(study: Path) -> None:
+    """The replayed step's per-token loss weights (TRL's objective) go into the token influence: its
+    sum is δH₁ along the replayed ``grad`` (float32 on both sides, two algorithms: see
+    tests/runner/test_token_stages.py for the tolerance)."""
+    import numpy as np
+
+    s = _summary(study, 0)
+    tok = np.load(study / "00-checkpoint-1" / "arrays" / "token_influence.npy")
+    grad = s["eta_reference"] * s["decompositions"]["grad"]["first_order"]["slope"]
+    assert s["replay"]["source"] == "recorded"
+    assert tok.sum() == pytest.approx(grad, rel=1e-3)
+    assert s["proxies"]["temperature"] == s["replay"]["trainer_options"]["temperature"]
