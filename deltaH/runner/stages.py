@@ -293,10 +293,30 @@ def eos_ids(tokenizer: Any) -> list[int]:
 
 # -- stages ---------------------------------------------------------------------------------------
 def build_batches(cfg: Config, inp: Inputs) -> Batches:
+    """U (sampled, or the recorded step's), then E; with ``eval_batch.include_update_prompts`` E also
+    gets responses to U's prompts (drawn after its own rows, which stay as they are without them)."""
     from deltaH.sampling.builders import build_eval_batch, build_update_batch
 
     log.info("sampling the evaluation and update batches")
     common: dict[str, Any] = {"policy": inp.policy, "max_new_tokens": cfg.policy.max_new_tokens}
+    if inp.source.kind != "sampled":
+        assert inp.source.recorded is not None
+        log.info("update batch: %s", inp.source.reason)
+        up = recorded_update_batch(inp.source.recorded, inp.tokenizer, inp.policy, inp.source.kind)
+    else:
+        up = build_update_batch(
+            inp.lm,
+            inp.params,
+            inp.records,
+            inp.tokenizer,
+            inp.reward_fn,
+            **common,
+            n_prompts=cfg.update_batch.n_prompts,
+            group_size=cfg.update_batch.group_size,
+            seed=inp.seeds.update,
+            scale_rewards=cfg.update_batch.scale_rewards,  # type: ignore[arg-type]
+            max_resample_attempts=cfg.update_batch.max_resample_attempts,
+        )
     ev = build_eval_batch(
         inp.lm,
         inp.params,
@@ -306,35 +326,8 @@ def build_batches(cfg: Config, inp: Inputs) -> Batches:
         total_sequences=cfg.eval_batch.total_sequences,
         group_size=cfg.eval_batch.group_size,
         seed=inp.seeds.eval,
-    )
-    if inp.source.kind != "sampled":
-        assert inp.source.recorded is not None
-        log.info("update batch: %s", inp.source.reason)
-        ev = build_eval_batch(
-            inp.lm,
-            inp.params,
-            inp.records,
-            inp.tokenizer,
-            **common,
-            total_sequences=cfg.eval_batch.total_sequences,
-            group_size=cfg.eval_batch.group_size,
-            seed=inp.seeds.eval,
-        )
-        return Batches(
-            ev, recorded_update_batch(inp.source.recorded, inp.tokenizer, inp.policy, inp.source.kind)
-        )
-    up = build_update_batch(
-        inp.lm,
-        inp.params,
-        inp.records,
-        inp.tokenizer,
-        inp.reward_fn,
-        **common,
-        n_prompts=cfg.update_batch.n_prompts,
-        group_size=cfg.update_batch.group_size,
-        seed=inp.seeds.update,
-        scale_rewards=cfg.update_batch.scale_rewards,  # type: ignore[arg-type]
-        max_resample_attempts=cfg.update_batch.max_resample_attempts,
+        prompts=cfg.eval_batch.prompts,
+        update_prompts_of=up if cfg.eval_batch.include_update_prompts else None,
     )
     return Batches(ev, up)
 

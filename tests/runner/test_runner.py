@@ -372,6 +372,8 @@ def test_cuda_on_a_cpu_machine_fails_before_loading(
         (["data.prompt_field=nope"], ["has no field 'nope'", "set data.prompt_field"]),
         (["data.path=missing.jsonl"], ["missing.jsonl does not exist", "data.path"]),
         (["data.limit=2"], ["update_batch.n_prompts", "2 prompt(s)"]),
+        (["data.limit=10", "eval_batch.group_size=1", "eval_batch.prompts=distinct"],
+         ["eval_batch.prompts", "needs 16 prompts", "holds 10"]),
     ],
 )
 def test_bad_data_or_reward_is_found_before_loading(
