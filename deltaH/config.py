@@ -274,16 +274,16 @@ class AnalysesConfig:
     kernel_method: str = _opt("exact", (
         "exact (streamed over parameter blocks) or projection (seeded random projection to "
         "kernel_proj_dim); checked even when kernel is false"), _choice(*KERNEL_METHODS))
-    kernel_proj_dim: int = _opt(1024, (
+    kernel_proj_dim: int = _opt(768, (
         "CountSketch buckets k of kernel_method=projection (the residual outside kernel_subspace)"),
         _number(1, integer=True))
     kernel_subspace: int = _opt(16, (
         "kernel_method=projection: dimension of the subspace of U's preconditioned gradients kept "
         "exactly (0 = CountSketch only; >= N_U = exact)"), _number(0, integer=True))
-    kernel_check_rows: int = _opt(16, (
-        "kernel_method=projection: this many random E rows and U rows also get exact kernel entries, "
-        "and the projection's fidelity on those pairs (Spearman, Pearson, relative error) is reported; "
-        "0 = no check"), _number(0, integer=True))
+    kernel_check_columns: int = _opt(8, (
+        "kernel_method=projection: this many random update sequences also get their exact kernel column, "
+        "and the projection's fidelity on those N_E × columns pairs (Spearman, Pearson, relative error) "
+        "is reported; 0 = no check"), _number(0, integer=True))
     proxy: bool = _opt(True, (
         "Published proxies (covariance rule of Cui et al. 2025) beside ΔH (docs/math.md#covariance-proxy)"),
         _boolean())
