@@ -209,7 +209,8 @@ def projected_kernel(
 
 @dataclass(frozen=True)
 class KernelSummary:
-    """Mean, mean absolute value and count of kernel entries for same- and different-prompt pairs."""
+    """Mean, mean and median absolute value and count of kernel entries for same- and
+    different-prompt pairs (NaN where there is no such pair)."""
 
     mean_same: float
     mean_diff: float
@@ -217,6 +218,8 @@ class KernelSummary:
     abs_diff: float
     n_same: int
     n_diff: int
+    median_abs_same: float = float("nan")
+    median_abs_diff: float = float("nan")
 
 
 def kernel_summary(
@@ -235,6 +238,8 @@ def kernel_summary(
         if not bool(mask.any()):
             return float("nan")
         vals = kern[mask]
+        if f == "median":
+            return float(vals.abs().double().quantile(0.5))
         return float(vals.mean() if f == "mean" else vals.abs().mean())
 
     return KernelSummary(
@@ -244,4 +249,6 @@ def kernel_summary(
         abs_diff=stat(~same, "abs"),
         n_same=int(same.sum()),
         n_diff=int((~same).sum()),
+        median_abs_same=stat(same, "median"),
+        median_abs_diff=stat(~same, "median"),
     )

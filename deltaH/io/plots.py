@@ -12,7 +12,9 @@
 * ``contributors.png``    the largest column sums (update sequences) and per-evaluation-sequence
   contributions;
 * ``attribution.png``     ΔH summed over tagged groups of update sequences (advantage sign, reward,
-  truncation, length quartile, prompt group), true and first order with standard errors.
+  truncation, length quartile, prompt group), true and first order with standard errors;
+* ``kernel.png``          the cross Fisher kernel's entries over same-prompt and different-prompt
+  pairs, two histograms side by side.
 
 A plot whose data are missing (an analysis that was not run, ``null`` in the summary) is skipped.
 matplotlib is optional (``pip install matplotlib``); it is imported lazily, and its absence raises
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from deltaH.io._plot_attribution import plot_attribution as plot_attribution
+from deltaH.io._plot_kernel import plot_kernel as plot_kernel
 from deltaH.io._plot_sweep import plot_delta_h_vs_eta as plot_delta_h_vs_eta
 from deltaH.io._plot_sweep import plot_ess_khat as plot_ess_khat
 from deltaH.io._present import COLORS as COLORS
@@ -203,6 +206,7 @@ def make_plots(summary: RunSummary, arrays: Mapping[str, np.ndarray], out_dir: P
         (plot_influence, "influence.png"),
         (plot_contributors, "contributors.png"),
         (plot_attribution, "attribution.png"),
+        (plot_kernel, "kernel.png"),
     ):
         p = fn(summary, arrays, out_dir / name)
         if p is not None:

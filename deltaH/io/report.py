@@ -22,6 +22,7 @@ from pathlib import Path
 
 from deltaH.io import _report_analyses as analyses
 from deltaH.io import _report_attribution as attribution
+from deltaH.io import _report_kernel as kernel_report
 from deltaH.io import _report_replay as replay
 from deltaH.io import _report_sections as sections
 from deltaH.io._present import DECOMPOSITIONS, require_summary
@@ -43,6 +44,8 @@ PLOT_CAPTIONS = {
     "attribution.png": "ΔH summed over groups of update sequences that share a tag, true (solid) and first "
     "order (hatched), ± one jackknife standard error; grey: the momentum + weight-decay baseline",
     "trajectory.png": "H, ΔH and δH₁ along the training steps of the study",
+    "kernel.png": "distributions of the kernel entries K[t, i] over same-prompt (left) and different-prompt "
+    "(right) pairs of evaluation and update sequences",
 }
 
 
@@ -114,7 +117,7 @@ def render_report(summary: RunSummary, run_dir: Path, plots: Sequence[Path] = ()
     out += analyses.who(summary, run_dir) + imgs("contributors.png", "influence.png")
     out += attribution.section(summary, ref, run_dir) + imgs("attribution.png")
     out += analyses.proxy(summary, ref)
-    out += analyses.kernel(summary)
+    out += kernel_report.section(summary) + imgs("kernel.png")
     if by_name:
         out += ["## Plots", ""] + imgs(*sorted(by_name))
     out += [GLOSSARY] + _footer(summary)

@@ -194,14 +194,37 @@ class AttributionInfo:
 
 
 @dataclass(frozen=True)
+class KernelFidelity:
+    spearman: float = _f("rank correlation of the projected and the exact entries over the checked pairs")
+    pearson: float = _f("linear correlation over the checked pairs")
+    rel_error: float = _f("‖K̂ − K‖_F / ‖K‖_F over the checked pairs")
+    col_sum_rel_error: float = _f("the same for the checked columns' sums Σ_t K[t, i]")
+    n_pairs: int = _f("checked pairs: N_E × n_columns")
+    n_columns: int = _f("update sequences whose exact column was computed (analyses.kernel_check_columns)")
+
+
+@dataclass(frozen=True)
 class KernelInfo:
     method: str = _f("exact | projection")
     mean_same: float = _f("mean kernel entry over same-prompt (E, U) pairs (null: no such pair)")
     mean_diff: float = _f("mean over different-prompt pairs")
     abs_same: float = _f("mean |entry| over same-prompt pairs")
     abs_diff: float = _f("mean |entry| over different-prompt pairs")
-    n_same: int = _f("number of same-prompt pairs")
+    n_same: int = _f("number of same-prompt pairs (a pair shares a prompt when its two prompts have the same "
+                     "tokens)")
     n_diff: int = _f("number of different-prompt pairs")
+    median_abs_same: float = _f("median |entry| over same-prompt pairs (null: none)", math.nan)
+    median_abs_diff: float = _f("median |entry| over different-prompt pairs (null: none)", math.nan)
+    proj_dim: int | None = _f("projection: CountSketch buckets k (null: exact)", None)
+    subspace: int | None = _f("projection: dimensions of U's subspace kept exactly, ≤ N_U (null: exact)",
+                              None)
+    memory_fraction: float = _f(
+        "projection: floats it keeps / the exact kernel's (N_E + N_U)·P (null: exact)", math.nan)
+    check_memory_fraction: float = _f(
+        "projection: floats its fidelity check adds, same unit (null: exact)", math.nan)
+    fidelity: KernelFidelity | None = _f(
+        "projection: its fidelity against the exact entries of analyses.kernel_check_columns random update "
+        "sequences (null: exact, or no check)", None)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,11 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "influence": ((), ("first_order",)),
     "realised": ((), ("directions", "theta_stats")),
     "attribution": ((), ("batches", "first_order", "true_sweep", "influence")),
-    "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
+    "kernel": (
+        ("analyses.kernel_method", "analyses.kernel_proj_dim", "analyses.kernel_subspace",
+         "analyses.kernel_check_columns"),
+        ("directions",),
+    ),
     "proxy": ((), ("directions",)),
     "diagnostics": ((), ("batches",)),
 }

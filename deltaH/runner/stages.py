@@ -28,7 +28,7 @@ from deltaH.config import Config
 from deltaH.errors import ConfigError
 from deltaH.estimators.first_order import FirstOrder, delta_h_first_order
 from deltaH.estimators.influence import CovarianceProxy, Influence, covariance_proxy, influence_matrix
-from deltaH.estimators.kernel import fisher_kernel
+from deltaH.estimators.kernel import ProjectedKernel, fisher_kernel, projected_kernel
 from deltaH.estimators.true import TrueDeltaH, base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
 from deltaH.io.progress import progress_bar
@@ -605,19 +605,37 @@ def _np(x: Tensor | None) -> Any:
     return None if x is None else x.detach().double().cpu().numpy()
 
 
-def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> Tensor:
-    return fisher_kernel(
-        inp.lm,
-        inp.params,
-        bt.eval.batch,
-        bt.update.batch,
-        dr.update.precond,
-        policy=inp.policy,
-        method=cfg.analyses.kernel_method,
-        proj_dim=cfg.analyses.kernel_proj_dim,
-        seed=inp.seeds.kernel,
-        seq_chunk=cfg.compute.seq_chunk,
-    )
+@dataclass(frozen=True)
+class KernelRun:
+    """The kernel stage: ``kernel [N_E, N_U]``; ``prompt_e [N_E]`` and ``prompt_u [N_U]`` number the
+    distinct prompts (by their tokens) of both batches, so pair ``(t, i)`` shares a prompt when
+    ``prompt_e[t] == prompt_u[i]``; ``projected``: a projection's check and memory (None: exact)."""
+
+    kernel: Tensor
+    prompt_e: Tensor
+    prompt_u: Tensor
+    projected: ProjectedKernel | None = None
+
+
+def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> KernelRun:
+    """The cross Fisher kernel (exact, or projected with its fidelity check) and the prompt of every row."""
+    from deltaH.sampling.builders import prompt_tokens
+
+    a = cfg.analyses
+    args = (inp.lm, inp.params, bt.eval.batch, bt.update.batch, dr.update.precond)
+    kw: dict[str, Any] = {"policy": inp.policy, "seed": inp.seeds.kernel, "seq_chunk": cfg.compute.seq_chunk}
+    proj = None
+    if a.kernel_method == "projection":
+        proj = projected_kernel(*args, proj_dim=a.kernel_proj_dim, subspace=a.kernel_subspace,
+                                check_columns=a.kernel_check_columns, **kw)
+        kern = proj.kernel
+    else:
+        kern = fisher_kernel(*args, method="exact", **kw)
+    keys: dict[tuple[int, ...], int] = {}
+    rows = prompt_tokens(bt.eval.batch) + prompt_tokens(bt.update.batch)
+    ids = [keys.setdefault(p, len(keys)) for p in rows]
+    n_e = len(bt.eval.batch)
+    return KernelRun(kern, torch.tensor(ids[:n_e]), torch.tensor(ids[n_e:]), proj)
 
 
 def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovarianceProxy:

@@ -20,6 +20,7 @@ from deltaH.estimators.first_order import FirstOrder
 from deltaH.estimators.influence import CovarianceProxy
 from deltaH.estimators.kernel import kernel_summary
 from deltaH.io import schema as sc
+from deltaH.io._report_kernel import kernel_warnings
 from deltaH.io.results import to_jsonable
 from deltaH.runner.stages import (
     Attributed,
@@ -28,6 +29,7 @@ from deltaH.runner.stages import (
     EtaGrid,
     InfluencePair,
     Inputs,
+    KernelRun,
     Realised,
     Sweep,
 )
@@ -193,6 +195,25 @@ def batches_summary(cfg: Config, bt: Batches) -> sc.BatchesInfo:
     )
 
 
+def kernel_info(cfg: Config, kern: KernelRun) -> sc.KernelInfo:
+    """The typed ``kernel`` section: same- vs different-prompt statistics and, for a projection, its
+    memory and fidelity."""
+    ks = kernel_summary(kern.kernel, kern.prompt_e, kern.prompt_u)
+    pk = kern.projected
+    if pk is None:
+        return sc.KernelInfo(method=cfg.analyses.kernel_method, **ks.__dict__)
+    f = pk.fidelity
+    return sc.KernelInfo(
+        method=cfg.analyses.kernel_method,
+        **ks.__dict__,
+        proj_dim=pk.proj_dim,
+        subspace=pk.subspace,
+        memory_fraction=pk.stored_floats / pk.exact_floats,
+        check_memory_fraction=pk.check_floats / pk.exact_floats,
+        fidelity=None if f is None else sc.KernelFidelity(**f.__dict__),
+    )
+
+
 def checkpoint_summary(inp: Inputs) -> dict[str, Any]:
     ckpt = inp.ckpt
     d = ckpt.describe() if hasattr(ckpt, "describe") else {}
@@ -288,7 +309,7 @@ def summarise(
     sw: Sweep,
     so: torch.Tensor | None,
     inf: InfluencePair | None,
-    kern: torch.Tensor | None,
+    kern: KernelRun | None,
     px: CovarianceProxy | None,
     timings: dict[str, float],
     att: Attributed | None = None,
@@ -298,10 +319,7 @@ def summarise(
     etas = grid.etas
     trust = trust_of(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0, inp.compute_dtype)
     ud = dr.update
-    kernel = None
-    if kern is not None:
-        ks = kernel_summary(kern, bt.eval.prompt_index, bt.update.prompt_index)
-        kernel = sc.KernelInfo(method=cfg.analyses.kernel_method, **ks.__dict__)
+    kernel = None if kern is None else kernel_info(cfg, kern)
     return sc.RunSummary(
         deltah_version=deltaH.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -332,5 +350,5 @@ def summarise(
         kernel=kernel,
         proxy=None if px is None else sc.ProxyInfo(**px.__dict__),
         replay=replay_summary(inp, dr, real),
-        warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real),
+        warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real) + kernel_warnings(kernel),
     )

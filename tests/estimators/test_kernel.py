@@ -180,6 +180,7 @@ def test_kernel_summary_splits_prompts() -> None:
     assert s.n_same == 3 and s.n_diff == 3
     assert s.mean_same == pytest.approx((1 - 2 - 6) / 3) and s.mean_diff == pytest.approx((3 + 4 + 5) / 3)
     assert s.abs_same == pytest.approx((1 + 2 + 6) / 3)
+    assert s.median_abs_same == 2.0 and s.median_abs_diff == 4.0
     with pytest.raises(ValueError, match="do not match"):
         kernel_summary(k, [0], [0, 0, 1])
 

@@ -17,6 +17,7 @@ import deltaH.runner as runner
 from deltaH.cli import main
 from deltaH.config import load_config
 from deltaH.errors import CheckpointError, OutputExistsError
+from deltaH.estimators._sketch import fidelity
 from deltaH.functional import FunctionalLM
 from deltaH.io.compare import compare_results
 from deltaH.io.results import ResultsDir, run_guard
@@ -97,6 +98,39 @@ def test_summary_is_consistent(full_run: Path) -> None:
     assert k.shape == (16, 16) and s["kernel"]["n_same"] + s["kernel"]["n_diff"] == 256
     assert s["proxy"] is not None and np.isfinite(s["proxy"]["cov"])
     assert s["checkpoint"]["kind"] == "trainer" and s["checkpoint"]["global_step"] == 5
+
+
+def test_projected_kernel_with_the_update_prompts(tmp_path: Path) -> None:
+    """eval_batch.include_update_prompts populates the same-prompt pairs; a projected kernel reports its
+    memory and its fidelity on the exact columns it saved; report and plot show both prompt splits."""
+    rc, out = _run(tmp_path, "kern", "analyses.kernel=true", "analyses.kernel_method=projection",
+                   "analyses.kernel_subspace=3", "analyses.kernel_proj_dim=64",
+                   "analyses.kernel_check_columns=4", "eval_batch.include_update_prompts=true",
+                   "analyses.influence=false")
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    arr = ResultsDir.open(out).load_arrays()
+    k = arr["kernel"]
+    assert k.shape == (16 + 4 * 4, 16) and s["batches"]["eval"]["n"] == 32
+    # Same prompt = same prompt text in the saved batches (the toy tokenizer is character level).
+    ev = [json.loads(x) for x in (out / "batches" / "eval.jsonl").read_text().splitlines()]
+    up = [json.loads(x) for x in (out / "batches" / "update.jsonl").read_text().splitlines()]
+    same = arr["kernel_prompt_eval"][:, None] == arr["kernel_prompt_update"][None, :]
+    assert same.tolist() == [[e["prompt"] == u["prompt"] for u in up] for e in ev]
+    assert [e["update_prompt"] for e in ev] == [False] * 16 + [True] * 16
+    kn = s["kernel"]
+    assert kn["n_same"] == int(same.sum()) >= 4 * 4 * 4 and kn["n_same"] + kn["n_diff"] == k.size
+    assert kn["mean_same"] == pytest.approx(float(k[same].mean()), rel=1e-12)
+    assert (kn["subspace"], kn["proj_dim"]) == (3, 64)
+    n_params = s["checkpoint"]["n_trainable"]
+    assert kn["memory_fraction"] == pytest.approx((3 * n_params + 48 * (3 + 64)) / (48 * n_params), rel=1e-12)
+    cols, exact = arr["kernel_check_columns"], arr["kernel_check_exact"]
+    assert cols.shape == (4,) and exact.shape == (32, 4)
+    want = fidelity(torch.from_numpy(k[:, cols]), torch.from_numpy(exact))
+    assert kn["fidelity"] == pytest.approx(want.__dict__, rel=1e-12)
+    report = (out / "report.md").read_text()
+    assert "Fidelity against the exact kernel on 128 pairs" in report and "plots/kernel.png" in report
+    assert (out / "plots" / "kernel.png").is_file()
 
 
 def test_attribution_agrees_with_the_saved_arrays(full_run: Path) -> None:
