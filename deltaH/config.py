@@ -272,8 +272,9 @@ class AnalysesConfig:
         "Cross Fisher kernel [N_E, N_U] with the AdamW preconditioner (docs/math.md#fisher-kernel)"),
         _boolean())
     kernel_method: str = _opt("exact", (
-        "exact (streamed over parameter blocks) or projection (seeded random projection to "
-        "kernel_proj_dim); checked even when kernel is false"), _choice(*KERNEL_METHODS))
+        "exact (streamed over parameter blocks) or projection (U's leading preconditioned-gradient "
+        "directions exactly, a seeded CountSketch of the rest; fidelity checked); checked even when kernel "
+        "is false"), _choice(*KERNEL_METHODS))
     kernel_proj_dim: int = _opt(768, (
         "CountSketch buckets k of kernel_method=projection (the residual outside kernel_subspace)"),
         _number(1, integer=True))

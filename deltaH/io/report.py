@@ -22,6 +22,7 @@ from pathlib import Path
 
 from deltaH.io import _report_analyses as analyses
 from deltaH.io import _report_attribution as attribution
+from deltaH.io import _report_controls as controls_report
 from deltaH.io import _report_kernel as kernel_report
 from deltaH.io import _report_replay as replay
 from deltaH.io import _report_sections as sections
@@ -117,6 +118,7 @@ def render_report(summary: RunSummary, run_dir: Path, plots: Sequence[Path] = ()
     out += analyses.who(summary, run_dir) + imgs("contributors.png", "influence.png")
     out += attribution.section(summary, ref, run_dir) + imgs("attribution.png")
     out += analyses.proxy(summary, ref)
+    out += controls_report.section(summary)
     out += kernel_report.section(summary) + imgs("kernel.png")
     if by_name:
         out += ["## Plots", ""] + imgs(*sorted(by_name))
@@ -180,7 +182,7 @@ def format_summary_table(summary: RunSummary) -> str:
         err = "" if math.isnan(rp.step_error) else f", replay error {show(rp.step_error)}"
         lines.append(f"update batch: {rp.source} (step {show(rp.step)}){err}")
     optional = (("influence", summary.influence), ("attribution", summary.attribution),
-                ("kernel", summary.kernel), ("proxy", summary.proxy))
+                ("kernel", summary.kernel), ("proxy", summary.proxy), ("controls", summary.controls))
     for name, part in optional:
         lines.append(f"{name}: {NOT_RUN if part is None else 'done'}")
     lines.append(f"trust: {NOT_RECORDED if missing(summary.trust) else 'done'}")

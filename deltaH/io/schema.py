@@ -305,6 +305,47 @@ class ReplayInfo:
 
 
 @dataclass(frozen=True)
+class ControlDirection:
+    name: str = _f("step (the step analysed), term (the coefficient's own direction at the value found), "
+                   "controlled (step + term: D and clipping held at this step's values) or trainer (the "
+                   "AdamW step a trainer with that coefficient takes: D and clipping recomputed)")
+    delta_h: float = _f("true ΔH (SNIS) on E at eta_reference, nats per sequence")
+    delta_h_per_token: float = _f("the per-token variant")
+    ess: float = _f("effective sample size of the importance weights")
+    khat: float | None = _f("PSIS k̂ (null: equal weights)")
+    delta_h1: float = _f("δH₁ at eta_reference (controlled: the target, by construction)")
+    delta_h1_se: float = _f("its jackknife standard error")
+    second_order: float = _f("½η²·d²ΔH/dη² at eta_reference: the predicted ΔH − δH₁ (controlled only; null "
+                             "elsewhere)")
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    name: str = _f("entropy_coef (the entropy bonus −c·H of TRL's GRPOConfig.entropy_coef, verl's "
+                   "entropy_coeff) or beta (the KL coefficient; a replayed step with β > 0 only)")
+    coef: float = _f("the coefficient that makes δH₁ at eta_reference equal the target (null: none does)")
+    coef_se: float = _f("its jackknife standard error over the evaluation sequences")
+    current: float = _f("the coefficient in the step analysed (entropy_coef: 0; beta: the trainer's)")
+    slope_base: float = _f("dδH₁/dη of the step without the term (beta: with β = 0)")
+    slope_base_se: float = _f("its jackknife standard error")
+    slope_term: float = _f("dδH₁/dη of the term per unit coefficient")
+    slope_term_se: float = _f("its jackknife standard error")
+    directions: list[ControlDirection] = _f(
+        "ΔH and δH₁ at eta_reference along step, term, controlled, trainer")
+
+
+@dataclass(frozen=True)
+class ControlsInfo:
+    target: float = _f("analyses.entropy_target: the δH₁ at eta_reference aimed at, nats per sequence")
+    eta: float = _f("the η of the controls (eta_reference)")
+    entropy_u: float = _f("H_U at θ: the bonus's mean per-token entropy of softmax(z/τ) over U's loss tokens "
+                          "(TRL's normalisation), nats per token")
+    clip_coef: float = _f("this step's gradient-clipping factor (held fixed in 'controlled')")
+    controls: list[ControlInfo] = _f("one per coefficient: entropy_coef, and beta for a replayed KL step")
+    notes: list[str] = _f("what the reader must know: first order, clipping, unsupported options")
+
+
+@dataclass(frozen=True)
 class RunSummary:
     deltah_version: str = _f("deltaH version that wrote the folder")
     created: str = _f("local time the summary was written (ISO 8601)")
@@ -342,6 +383,8 @@ class RunSummary:
     proxy: ProxyInfo | None = _f("null: analyses.proxy off")
     replay: ReplayInfo = _f("where U came from and, for a step of a run, the step that really happened")
     warnings: list[str] = _f("everything the reader should know before trusting a number")
+    controls: ControlsInfo | None = _f("the coefficients that put δH₁ at a target, measured (null: "
+                                       "analyses.controls off)", None)
 
     def to_json(self) -> dict[str, Any]:
         """The plain JSON layout of ``summary.json`` (NaN and inf as ``null``)."""

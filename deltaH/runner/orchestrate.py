@@ -23,6 +23,7 @@ from deltaH.io.results import ResultsDir, run_guard, to_jsonable
 from deltaH.io.schema import RunSummary
 from deltaH.runner import stages as st
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
+from deltaH.runner.controls import controls as controls_stage
 from deltaH.runner.resume import check_same_results
 from deltaH.runner.summary import summarise
 from deltaH.runner.write import write_analyses, write_batches, write_summary_and_report, write_sweep
@@ -54,6 +55,10 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("directions",),
     ),
     "proxy": ((), ("directions",)),
+    "controls": (
+        ("analyses.entropy_target", "checkpoint.max_grad_norm", "loss", "policy"),
+        ("batches", "directions", "first_order"),
+    ),
     "diagnostics": ((), ("batches",)),
 }
 
@@ -236,10 +241,11 @@ def analyse_checkpoint(
     att = stage("attribution", lambda: st.attribution(cfg, inp, bt, dr, fo, grid, sw, inf), inf is not None)
     kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy)
+    ctl = stage("controls", lambda: controls_stage(cfg, inp, bt, dr, base, fo), a.controls)
     diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), cfg.output.detail == "debug")
     timings["total"] = time.perf_counter() - t0
 
-    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
+    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real, ctl)
     write_batches(rd, cfg, bt, base, diag, att)
     write_sweep(rd, cfg, grid.etas, sw, fo.slope)
     write_analyses(rd, cfg, inf, kern, att)

@@ -21,6 +21,8 @@ from deltaH.estimators._sketch import fidelity
 from deltaH.functional import FunctionalLM
 from deltaH.io.compare import compare_results
 from deltaH.io.results import ResultsDir, run_guard
+from deltaH.io.schema import RunSummary
+from deltaH.runner.controls import MEASURED
 
 SHORT = [
     "eval_batch.total_sequences=16",
@@ -102,11 +104,12 @@ def test_summary_is_consistent(full_run: Path) -> None:
 
 def test_projected_kernel_with_the_update_prompts(tmp_path: Path) -> None:
     """eval_batch.include_update_prompts populates the same-prompt pairs; a projected kernel reports its
-    memory and its fidelity on the exact columns it saved; report and plot show both prompt splits."""
+    memory and its fidelity on the exact columns it saved; report and plot show both prompt splits. The
+    controls ride along: summary.controls and their report section (their math: test_controls.py)."""
     rc, out = _run(tmp_path, "kern", "analyses.kernel=true", "analyses.kernel_method=projection",
                    "analyses.kernel_subspace=3", "analyses.kernel_proj_dim=64",
                    "analyses.kernel_check_columns=4", "eval_batch.include_update_prompts=true",
-                   "analyses.influence=false")
+                   "analyses.influence=false", "analyses.controls=true", "analyses.entropy_target=1e-4")
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     arr = ResultsDir.open(out).load_arrays()
@@ -131,6 +134,17 @@ def test_projected_kernel_with_the_update_prompts(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "Fidelity against the exact kernel on 128 pairs" in report and "plots/kernel.png" in report
     assert (out / "plots" / "kernel.png").is_file()
+    c = RunSummary.from_json(s).controls
+    assert c is not None and c.target == 1e-4 and c.eta == s["eta_reference"]
+    (bonus,) = c.controls
+    assert bonus.name == "entropy_coef" and [d.name for d in bonus.directions] == list(MEASURED)
+    controlled = bonus.directions[MEASURED.index("controlled")]
+    # float32 toy: δH₁ of u + c*·ĉ_H in float32 carries ~ε32 × (token sums) of the two parts it adds up
+    # (observed 3e-7 relative); bound 1e-5 of their size
+    size = c.eta * (abs(bonus.slope_base) + abs(bonus.coef * bonus.slope_term))
+    assert abs(controlled.delta_h1 - 1e-4) <= 1e-5 * size
+    section = report.split("## Controls")[1].split("\n## ")[0]
+    assert "entropy_coef" in section and "trainer's AdamW step with c*" in section
 
 
 def test_attribution_agrees_with_the_saved_arrays(full_run: Path) -> None:

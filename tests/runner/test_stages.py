@@ -48,6 +48,7 @@ def _downstream(name: str) -> set[str]:
         ("analyses.kernel_check_columns=2", "kernel"),
         ("eval_batch.include_update_prompts=true", "batches"),
         ("eval_batch.prompts=distinct", "batches"),
+        ("analyses.entropy_target=0.1", "controls"),
     ],
 )
 def test_a_config_change_invalidates_exactly_its_stage_and_what_follows(override: str, first: str) -> None:
