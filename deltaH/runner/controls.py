@@ -147,6 +147,11 @@ def controls(
         notes.append(f"gradient clipping is active in this step (factor {ud.clip_coef:.3g}): a trainer with "
                      "the coefficient set clips its own total gradient, so its step differs from the "
                      "controlled one by more than D's change (compare 'trainer' with 'controlled')")
+    t = min(int(state.step[n]) for n in inp.params) + 1
+    if t <= 10:
+        notes.append(f"this is the optimizer's step {t}: Adam's second moment v holds {t - 1} earlier "
+                     f"gradients, so this step's makes up about 1/{t} of it and D moves with the coefficient "
+                     "(compare 'trainer' with 'controlled')")
     assert fo.loo is not None, "the first-order stage runs in forward mode (leave-one-out slopes)"
     s_full, loo_full = float(fo.slope[0]), fo.loo[0].double().cpu()
     g_step = gradient_sum(ud.grad, ud, state)
