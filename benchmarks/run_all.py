@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
         "--out", default="benchmarks/results",
-        help="folder for core.json, updates.json, probe.json, recording.json",
+        help="folder for core.json, updates.json, probe.json, recording.json, replay.json, kernel.json",
     )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_replay
 
         bench_replay.main(["--out", os.path.join(args.out, "replay.json"), *q])
+    from benchmarks import bench_kernel
+
+    bench_kernel.main(["--out", os.path.join(args.out, "kernel.json"), *q])
     return 0
 
 

@@ -32,6 +32,10 @@ FIRST_ORDER_MODES = ("forward", "reverse")
 #: ``kind`` of :func:`deltaH.estimators.influence.influence_matrix`.
 INFLUENCE_KINDS = ("true", "first_order")
 
+#: ``eval_batch.prompts``: how E's prompts are drawn from the records
+#: (:func:`deltaH.sampling.builders.build_eval_batch`): with replacement, or distinct.
+EVAL_PROMPTS = ("replacement", "distinct")
+
 #: ``analyses.kernel_method``: :func:`deltaH.estimators.kernel.fisher_kernel`'s ``method``.
 KERNEL_METHODS = ("exact", "projection")
 

@@ -33,6 +33,7 @@ from deltaH._choices import (
     DETAIL_LEVELS,
     DTYPES,
     ENTROPY_MODES,
+    EVAL_PROMPTS,
     KERNEL_METHODS,
     LOSS_TYPES,
     NAMED_TEMPLATES,
@@ -175,9 +176,17 @@ class PolicyConfig:
 class EvalBatchConfig:
     """The evaluation batch E on which entropy and ΔH are estimated."""
 
-    total_sequences: int = _opt(256, "Sequences N_E in E; a multiple of group_size", _number(1, integer=True))
-    group_size: int = _opt(4, "Responses per prompt (prompts are drawn with replacement)",
-                           _number(1, integer=True))
+    total_sequences: int = _opt(256, (
+        "Sequences N_E drawn for E's own prompts; a multiple of group_size (include_update_prompts adds "
+        "more)"), _number(1, integer=True))
+    group_size: int = _opt(4, "Responses per prompt", _number(1, integer=True))
+    prompts: str = _opt("replacement", (
+        "How the total_sequences / group_size prompts of E are drawn from the records: replacement (a "
+        "prompt may repeat) or distinct (needs that many records)"), _choice(*EVAL_PROMPTS))
+    include_update_prompts: bool = _opt(False, (
+        "Also draw group_size responses from q for each of U's prompts, after E's own rows (N_E = "
+        "total_sequences + U's prompts × group_size): same-prompt (E, U) pairs for the kernel "
+        "(docs/math.md#fisher-kernel); ΔH is then measured on that mix of prompts"), _boolean())
 
     def __post_init__(self) -> None:
         _validate(self, "eval_batch")
@@ -263,10 +272,19 @@ class AnalysesConfig:
         "Cross Fisher kernel [N_E, N_U] with the AdamW preconditioner (docs/math.md#fisher-kernel)"),
         _boolean())
     kernel_method: str = _opt("exact", (
-        "exact (streamed over parameter blocks) or projection (seeded random projection to "
-        "kernel_proj_dim); checked even when kernel is false"), _choice(*KERNEL_METHODS))
-    kernel_proj_dim: int = _opt(1024, "Projection dimension k of kernel_method=projection",
-                                _number(1, integer=True))
+        "exact (streamed over parameter blocks) or projection (U's leading preconditioned-gradient "
+        "directions exactly, a seeded CountSketch of the rest; fidelity checked); checked even when kernel "
+        "is false"), _choice(*KERNEL_METHODS))
+    kernel_proj_dim: int = _opt(768, (
+        "CountSketch buckets k of kernel_method=projection (the residual outside kernel_subspace)"),
+        _number(1, integer=True))
+    kernel_subspace: int = _opt(16, (
+        "kernel_method=projection: dimension of the subspace of U's preconditioned gradients kept "
+        "exactly (0 = CountSketch only; >= N_U = exact)"), _number(0, integer=True))
+    kernel_check_columns: int = _opt(8, (
+        "kernel_method=projection: this many random update sequences also get their exact kernel column, "
+        "and the projection's fidelity on those N_E × columns pairs (Spearman, Pearson, relative error) "
+        "is reported; 0 = no check"), _number(0, integer=True))
     proxy: bool = _opt(True, (
         "Published proxies (covariance rule of Cui et al. 2025) beside ΔH (docs/math.md#covariance-proxy)"),
         _boolean())
@@ -274,6 +292,13 @@ class AnalysesConfig:
         "Each update token's exact first-order effect on the entropy, and a scoreboard of the published "
         "token-level rules (covariance, STEER, Wang et al., sign rule) against it "
         "(docs/math.md#token-influence)"), _boolean())
+    controls: bool = _opt(False, (
+        "Controls a user can set (docs/math.md#controls): the entropy-bonus coefficient (and, for a "
+        "replayed step with a KL term, the KL coefficient) that makes δH₁ of the step entropy_target, "
+        "with its ΔH measured"), _boolean())
+    entropy_target: float = _opt(0.0, (
+        "The δH₁ at the reference η (nats per sequence) the controls aim at; 0 = entropy unchanged to "
+        "first order"), _number())
     entropy_mode: str = _opt("rb", (
         "Per-sequence entropy averaged by the estimators: rb (Rao-Blackwellised, lower variance) or "
         "naive (surprisal)"), _choice(*ENTROPY_MODES))

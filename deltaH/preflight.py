@@ -49,6 +49,15 @@ def preflight(cfg: Config, paths: Sequence[str]) -> None:
             f"{n_records} prompt(s) (after data.limit); U needs distinct prompts: lower it or load more",
             "update_batch.n_prompts",
         )
+    e = cfg.eval_batch
+    n_groups = e.total_sequences // e.group_size
+    if e.prompts == "distinct" and n_groups > n_records:
+        raise ConfigError(
+            f"config key 'eval_batch.prompts': distinct needs {n_groups} prompts "
+            f"(eval_batch.total_sequences / eval_batch.group_size) but data.path holds {n_records} "
+            "(after data.limit); use replacement, fewer sequences, a larger group_size, or more prompts",
+            "eval_batch.prompts",
+        )
     _check_reward(cfg)
 
 

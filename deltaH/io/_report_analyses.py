@@ -1,5 +1,6 @@
 """The sections of ``report.md`` on the optional analyses (see :mod:`deltaH.io.report`): who caused the
-change (influence, with the sequences' text from ``batches/``), the covariance proxy and the kernel."""
+change (influence, with the sequences' text from ``batches/``) and the covariance proxy (the kernel's
+section is :mod:`deltaH.io._report_kernel`)."""
 
 from __future__ import annotations
 
@@ -138,22 +139,4 @@ def proxy(summary: RunSummary, ref: Ref) -> list[str]:
         if full is not None and full != 0:
             out.append(f"Proxy / true ΔH (full), per sequence: {show(p_seq / full)}.")
     out.append("(δH₁ per token ≈ δH₁ per sequence / mean evaluation response length.)")
-    return out + [""]
-
-
-def kernel(summary: RunSummary) -> list[str]:
-    out = ["## Kernel summary", ""]
-    k = summary.kernel
-    if k is None:
-        return out + [f"Cross Fisher kernel: {NOT_RUN}.", ""]
-    out.append(f"K[n, i] = ∇log q(n) · P · ∇log π(i) with the AdamW preconditioner P, computed "
-               f"{k.method or '?'}ly over {show(k.n_same)} same-prompt and {show(k.n_diff)} "
-               "different-prompt pairs.")
-    out += [""] + table(["pairs", "mean K", "mean |K|", "count"], [
-        ["same prompt", show(k.mean_same), show(k.abs_same), show(k.n_same)],
-        ["different prompt", show(k.mean_diff), show(k.abs_diff), show(k.n_diff)]]) + [""]
-    a, b = num(k.abs_same), num(k.abs_diff)
-    if a is not None and b:
-        out.append(f"Same-prompt pairs couple {show(a / b)}× more strongly than different-prompt pairs "
-                   "(mean |K|).")
     return out + [""]

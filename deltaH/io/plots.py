@@ -15,6 +15,8 @@
   truncation, length quartile, prompt group), true and first order with standard errors;
 * ``token_influence.png`` each published token-level rule's prediction against the exact token
   influence, one point per update token, one panel per rule.
+* ``kernel.png``          the cross Fisher kernel's entries over same-prompt and different-prompt
+  pairs, two histograms side by side.
 
 A plot whose data are missing (an analysis that was not run, ``null`` in the summary) is skipped.
 matplotlib is optional (``pip install matplotlib``); it is imported lazily, and its absence raises
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from deltaH.io._plot_attribution import plot_attribution as plot_attribution
+from deltaH.io._plot_kernel import plot_kernel as plot_kernel
 from deltaH.io._plot_sweep import plot_delta_h_vs_eta as plot_delta_h_vs_eta
 from deltaH.io._plot_sweep import plot_ess_khat as plot_ess_khat
 from deltaH.io._plot_tokens import plot_token_influence as plot_token_influence
@@ -207,6 +210,7 @@ def make_plots(summary: RunSummary, arrays: Mapping[str, np.ndarray], out_dir: P
         (plot_contributors, "contributors.png"),
         (plot_attribution, "attribution.png"),
         (plot_token_influence, "token_influence.png"),
+        (plot_kernel, "kernel.png"),
     ):
         p = fn(summary, arrays, out_dir / name)
         if p is not None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from deltaH.io import _report_analyses as analyses
 from deltaH.io import _report_attribution as attribution
+from deltaH.io import _report_controls as controls_report
+from deltaH.io import _report_kernel as kernel_report
 from deltaH.io import _report_proxies as token_rules
 from deltaH.io import _report_replay as replay
 from deltaH.io import _report_sections as sections
@@ -46,6 +48,8 @@ PLOT_CAPTIONS = {
     "trajectory.png": "H, ΔH and δH₁ along the training steps of the study",
     "token_influence.png": "each published rule's predicted entropy change of an update token (y) against "
     "the exact token influence δH₁ (x), one point per scored token; red: positive advantage, blue: negative",
+    "kernel.png": "distributions of the kernel entries K[t, i] over same-prompt (left) and different-prompt "
+    "(right) pairs of evaluation and update sequences",
 }
 
 
@@ -118,7 +122,8 @@ def render_report(summary: RunSummary, run_dir: Path, plots: Sequence[Path] = ()
     out += attribution.section(summary, ref, run_dir) + imgs("attribution.png")
     out += analyses.proxy(summary, ref)
     out += token_rules.section(summary) + imgs("token_influence.png")
-    out += analyses.kernel(summary)
+    out += controls_report.section(summary)
+    out += kernel_report.section(summary) + imgs("kernel.png")
     if by_name:
         out += ["## Plots", ""] + imgs(*sorted(by_name))
     out += [GLOSSARY] + _footer(summary)
@@ -181,7 +186,8 @@ def format_summary_table(summary: RunSummary) -> str:
         err = "" if math.isnan(rp.step_error) else f", replay error {show(rp.step_error)}"
         lines.append(f"update batch: {rp.source} (step {show(rp.step)}){err}")
     optional = (("influence", summary.influence), ("attribution", summary.attribution),
-                ("kernel", summary.kernel), ("proxy", summary.proxy), ("token influence", summary.proxies))
+                ("kernel", summary.kernel), ("proxy", summary.proxy), ("token influence", summary.proxies),
+                ("controls", summary.controls))
     for name, part in optional:
         lines.append(f"{name}: {NOT_RUN if part is None else 'done'}")
     lines.append(f"trust: {NOT_RECORDED if missing(summary.trust) else 'done'}")

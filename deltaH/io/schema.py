@@ -194,14 +194,37 @@ class AttributionInfo:
 
 
 @dataclass(frozen=True)
+class KernelFidelity:
+    spearman: float = _f("rank correlation of the projected and the exact entries over the checked pairs")
+    pearson: float = _f("linear correlation over the checked pairs")
+    rel_error: float = _f("‖K̂ − K‖_F / ‖K‖_F over the checked pairs")
+    col_sum_rel_error: float = _f("the same for the checked columns' sums Σ_t K[t, i]")
+    n_pairs: int = _f("checked pairs: N_E × n_columns")
+    n_columns: int = _f("update sequences whose exact column was computed (analyses.kernel_check_columns)")
+
+
+@dataclass(frozen=True)
 class KernelInfo:
     method: str = _f("exact | projection")
     mean_same: float = _f("mean kernel entry over same-prompt (E, U) pairs (null: no such pair)")
     mean_diff: float = _f("mean over different-prompt pairs")
     abs_same: float = _f("mean |entry| over same-prompt pairs")
     abs_diff: float = _f("mean |entry| over different-prompt pairs")
-    n_same: int = _f("number of same-prompt pairs")
+    n_same: int = _f("number of same-prompt pairs (a pair shares a prompt when its two prompts have the same "
+                     "tokens)")
     n_diff: int = _f("number of different-prompt pairs")
+    median_abs_same: float = _f("median |entry| over same-prompt pairs (null: none)", math.nan)
+    median_abs_diff: float = _f("median |entry| over different-prompt pairs (null: none)", math.nan)
+    proj_dim: int | None = _f("projection: CountSketch buckets k (null: exact)", None)
+    subspace: int | None = _f("projection: dimensions of U's subspace kept exactly, ≤ N_U (null: exact)",
+                              None)
+    memory_fraction: float = _f(
+        "projection: floats it keeps / the exact kernel's (N_E + N_U)·P (null: exact)", math.nan)
+    check_memory_fraction: float = _f(
+        "projection: floats its fidelity check adds, same unit (null: exact)", math.nan)
+    fidelity: KernelFidelity | None = _f(
+        "projection: its fidelity against the exact entries of analyses.kernel_check_columns random update "
+        "sequences (null: exact, or no check)", None)
 
 
 @dataclass(frozen=True)
@@ -347,6 +370,47 @@ class ReplayInfo:
 
 
 @dataclass(frozen=True)
+class ControlDirection:
+    name: str = _f("step (the step analysed), term (the coefficient's own direction at the value found), "
+                   "controlled (step + term: D and clipping held at this step's values) or trainer (the "
+                   "AdamW step a trainer with that coefficient takes: D and clipping recomputed)")
+    delta_h: float = _f("true ΔH (SNIS) on E at eta_reference, nats per sequence")
+    delta_h_per_token: float = _f("the per-token variant")
+    ess: float = _f("effective sample size of the importance weights")
+    khat: float | None = _f("PSIS k̂ (null: equal weights)")
+    delta_h1: float = _f("δH₁ at eta_reference (controlled: the target, by construction)")
+    delta_h1_se: float = _f("its jackknife standard error")
+    second_order: float = _f("½η²·d²ΔH/dη² at eta_reference: the predicted ΔH − δH₁ (controlled only; null "
+                             "elsewhere)")
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    name: str = _f("entropy_coef (the entropy bonus −c·H of TRL's GRPOConfig.entropy_coef, verl's "
+                   "entropy_coeff) or beta (the KL coefficient; a replayed step with β > 0 only)")
+    coef: float = _f("the coefficient that makes δH₁ at eta_reference equal the target (null: none does)")
+    coef_se: float = _f("its jackknife standard error over the evaluation sequences")
+    current: float = _f("the coefficient in the step analysed (entropy_coef: 0; beta: the trainer's)")
+    slope_base: float = _f("dδH₁/dη of the step without the term (beta: with β = 0)")
+    slope_base_se: float = _f("its jackknife standard error")
+    slope_term: float = _f("dδH₁/dη of the term per unit coefficient")
+    slope_term_se: float = _f("its jackknife standard error")
+    directions: list[ControlDirection] = _f(
+        "ΔH and δH₁ at eta_reference along step, term, controlled, trainer")
+
+
+@dataclass(frozen=True)
+class ControlsInfo:
+    target: float = _f("analyses.entropy_target: the δH₁ at eta_reference aimed at, nats per sequence")
+    eta: float = _f("the η of the controls (eta_reference)")
+    entropy_u: float = _f("H_U at θ: the bonus's mean per-token entropy of softmax(z/τ) over U's loss tokens "
+                          "(TRL's normalisation), nats per token")
+    clip_coef: float = _f("this step's gradient-clipping factor (held fixed in 'controlled')")
+    controls: list[ControlInfo] = _f("one per coefficient: entropy_coef, and beta for a replayed KL step")
+    notes: list[str] = _f("what the reader must know: first order, clipping, unsupported options")
+
+
+@dataclass(frozen=True)
 class RunSummary:
     deltah_version: str = _f("deltaH version that wrote the folder")
     created: str = _f("local time the summary was written (ISO 8601)")
@@ -387,6 +451,8 @@ class RunSummary:
     proxies: ProxiesInfo | None = _f("every update token's exact first-order effect on the entropy and the "
                                      "scoreboard of published token-level rules against it (null: "
                                      "analyses.token_influence off)", None)
+    controls: ControlsInfo | None = _f("the coefficients that put δH₁ at a target, measured (null: "
+                                       "analyses.controls off)", None)
 
     def to_json(self) -> dict[str, Any]:
         """The plain JSON layout of ``summary.json`` (NaN and inf as ``null``)."""

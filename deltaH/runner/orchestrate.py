@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -29,12 +29,14 @@ from deltaH.runner import distributed
 from deltaH.runner import stages as st
 from deltaH.runner import token_stages as ts
 from deltaH.runner.cache import StageCache, fingerprint, stage_key
+from deltaH.runner.controls import controls as controls_stage
 from deltaH.runner.resume import check_same_results
 from deltaH.runner.shard import check_world
 from deltaH.runner.summary import summarise
 from deltaH.runner.write import write_analyses, write_batches, write_summary_and_report, write_sweep
 
 log = logging.getLogger("deltaH.runner")
+T = TypeVar("T")
 OnStage = Callable[[str, str], None]
 
 # stage -> (config keys it reads, stages it consumes); the checkpoint's fingerprint enters "batches".
@@ -55,10 +57,18 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "influence": ((), ("first_order",)),
     "realised": ((), ("directions", "theta_stats")),
     "attribution": ((), ("batches", "first_order", "true_sweep", "influence")),
-    "kernel": (("analyses.kernel_method", "analyses.kernel_proj_dim"), ("directions",)),
+    "kernel": (
+        ("analyses.kernel_method", "analyses.kernel_proj_dim", "analyses.kernel_subspace",
+         "analyses.kernel_check_columns"),
+        ("directions",),
+    ),
     "proxy": ((), ("directions",)),
     "token_influence": ((), ("first_order",)),  # the same inputs as δH₁ (entropy_mode, directions, θ stats)
     "proxies": (("analyses.influence",), ("token_influence", "influence")),
+    "controls": (
+        ("analyses.entropy_target", "checkpoint.max_grad_norm", "loss", "policy"),
+        ("batches", "directions", "first_order"),
+    ),
     "diagnostics": ((), ("batches",)),
 }
 
@@ -204,6 +214,15 @@ def fresh_adamw(model: torch.nn.Module, lr: float) -> Any:
     return AdamWState.from_optimizer(opt, model)
 
 
+def on_main(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with every reduction local: for a stage rank 0 computes alone on all the rows
+    (``where="main"``, then broadcast), so it gets one process's bits whatever the number of ranks."""
+    from deltaH import _dist
+
+    with _dist.local():
+        return fn(*args)
+
+
 def analyse_checkpoint(
     cfg: Config, ckpt_path: str, rd: ResultsDir | None, quiet: bool = False, on_stage: OnStage | None = None
 ) -> RunSummary | None:
@@ -245,12 +264,13 @@ def analyse_checkpoint(
     inf = stage("influence", lambda: st.influence(cfg, inp, bt, dr, base), a.influence)
     att = stage("attribution", lambda: st.attribution(cfg, inp, bt, dr, fo, grid, sw, inf), inf is not None,
                 "main_only")
-    kern = stage("kernel", lambda: st.kernel(cfg, inp, bt, dr), a.kernel)
+    kern = stage("kernel", lambda: on_main(st.kernel, cfg, inp, bt, dr), a.kernel, "main")
     px = stage("proxy", lambda: st.proxy(cfg, inp, bt, dr), a.proxy, "main_only")
     # one pass over all of E on rank 0 (collectives off), broadcast: the same bits whatever the ranks
     tok = stage("token_influence", lambda: ts.token_influence_local(cfg, inp, bt, dr, base),
                 a.token_influence, "main")
     pxs = stage("proxies", lambda: ts.proxies_stage(cfg, inp, bt, dr, tok, inf), tok is not None, "main_only")
+    ctl = stage("controls", lambda: on_main(controls_stage, cfg, inp, bt, dr, base, fo), a.controls, "main")
     debug = cfg.output.detail == "debug"
     diag = stage("diagnostics", lambda: st.diagnostics(cfg, inp, bt), debug)
     timings["total"] = time.perf_counter() - t0
@@ -258,7 +278,7 @@ def analyse_checkpoint(
         distributed.after_main()
         return None
 
-    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real)
+    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real, ctl)
     if tok is not None:
         summary = dataclasses.replace(summary, proxies=ts.proxies_summary(inp, bt, dr, tok, pxs))
     write_batches(rd, cfg, bt, base, diag, att, lambda rows: ts.token_rows(rows, bt, dr, tok, pxs))

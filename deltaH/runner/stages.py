@@ -31,7 +31,7 @@ from deltaH.config import Config
 from deltaH.errors import ConfigError
 from deltaH.estimators.first_order import FirstOrder, delta_h_first_order
 from deltaH.estimators.influence import CovarianceProxy, Influence, covariance_proxy, influence_matrix
-from deltaH.estimators.kernel import fisher_kernel
+from deltaH.estimators.kernel import ProjectedKernel, fisher_kernel, projected_kernel
 from deltaH.estimators.true import TrueDeltaH, base_stats, delta_h_true_multi
 from deltaH.functional import FunctionalLM
 from deltaH.io.progress import progress_bar
@@ -304,10 +304,30 @@ def eos_ids(tokenizer: Any) -> list[int]:
 
 # -- stages ---------------------------------------------------------------------------------------
 def build_batches(cfg: Config, inp: Inputs) -> Batches:
+    """U (sampled, or the recorded step's), then E; with ``eval_batch.include_update_prompts`` E also
+    gets responses to U's prompts (drawn after its own rows, which stay as they are without them)."""
     from deltaH.sampling.builders import build_eval_batch, build_update_batch
 
     log.info("sampling the evaluation and update batches")
     common: dict[str, Any] = {"policy": inp.policy, "max_new_tokens": cfg.policy.max_new_tokens}
+    if inp.source.kind != "sampled":
+        assert inp.source.recorded is not None
+        log.info("update batch: %s", inp.source.reason)
+        up = recorded_update_batch(inp.source.recorded, inp.tokenizer, inp.policy, inp.source.kind)
+    else:
+        up = build_update_batch(
+            inp.lm,
+            inp.params,
+            inp.records,
+            inp.tokenizer,
+            inp.reward_fn,
+            **common,
+            n_prompts=cfg.update_batch.n_prompts,
+            group_size=cfg.update_batch.group_size,
+            seed=inp.seeds.update,
+            scale_rewards=cfg.update_batch.scale_rewards,  # type: ignore[arg-type]
+            max_resample_attempts=cfg.update_batch.max_resample_attempts,
+        )
     ev = build_eval_batch(
         inp.lm,
         inp.params,
@@ -317,35 +337,8 @@ def build_batches(cfg: Config, inp: Inputs) -> Batches:
         total_sequences=cfg.eval_batch.total_sequences,
         group_size=cfg.eval_batch.group_size,
         seed=inp.seeds.eval,
-    )
-    if inp.source.kind != "sampled":
-        assert inp.source.recorded is not None
-        log.info("update batch: %s", inp.source.reason)
-        ev = build_eval_batch(
-            inp.lm,
-            inp.params,
-            inp.records,
-            inp.tokenizer,
-            **common,
-            total_sequences=cfg.eval_batch.total_sequences,
-            group_size=cfg.eval_batch.group_size,
-            seed=inp.seeds.eval,
-        )
-        return Batches(
-            ev, recorded_update_batch(inp.source.recorded, inp.tokenizer, inp.policy, inp.source.kind)
-        )
-    up = build_update_batch(
-        inp.lm,
-        inp.params,
-        inp.records,
-        inp.tokenizer,
-        inp.reward_fn,
-        **common,
-        n_prompts=cfg.update_batch.n_prompts,
-        group_size=cfg.update_batch.group_size,
-        seed=inp.seeds.update,
-        scale_rewards=cfg.update_batch.scale_rewards,  # type: ignore[arg-type]
-        max_resample_attempts=cfg.update_batch.max_resample_attempts,
+        prompts=cfg.eval_batch.prompts,
+        update_prompts_of=up if cfg.eval_batch.include_update_prompts else None,
     )
     return Batches(ev, up)
 
@@ -640,21 +633,37 @@ def _np(x: Tensor | None) -> Any:
     return None if x is None else x.detach().double().cpu().numpy()
 
 
-def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> Tensor:
-    """The cross Fisher kernel ``[N_E, N_U]``, rows of E sharded across ranks and gathered."""
-    ev = shard.eval_shard(cfg, bt.eval.batch)
-    return shard.gather(fisher_kernel(
-        inp.lm,
-        inp.params,
-        ev.batch,
-        bt.update.batch,
-        dr.update.precond,
-        policy=inp.policy,
-        method=cfg.analyses.kernel_method,
-        proj_dim=cfg.analyses.kernel_proj_dim,
-        seed=inp.seeds.kernel,
-        seq_chunk=cfg.compute.seq_chunk,
-    ), 0)
+@dataclass(frozen=True)
+class KernelRun:
+    """The kernel stage: ``kernel [N_E, N_U]``; ``prompt_e [N_E]`` and ``prompt_u [N_U]`` number the
+    distinct prompts (by their tokens) of both batches, so pair ``(t, i)`` shares a prompt when
+    ``prompt_e[t] == prompt_u[i]``; ``projected``: a projection's check and memory (None: exact)."""
+
+    kernel: Tensor
+    prompt_e: Tensor
+    prompt_u: Tensor
+    projected: ProjectedKernel | None = None
+
+
+def kernel(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> KernelRun:
+    """The cross Fisher kernel (exact, or projected with its fidelity check) and the prompt of every row."""
+    from deltaH.sampling.builders import prompt_tokens
+
+    a = cfg.analyses
+    args = (inp.lm, inp.params, bt.eval.batch, bt.update.batch, dr.update.precond)
+    kw: dict[str, Any] = {"policy": inp.policy, "seed": inp.seeds.kernel, "seq_chunk": cfg.compute.seq_chunk}
+    proj = None
+    if a.kernel_method == "projection":
+        proj = projected_kernel(*args, proj_dim=a.kernel_proj_dim, subspace=a.kernel_subspace,
+                                check_columns=a.kernel_check_columns, **kw)
+        kern = proj.kernel
+    else:
+        kern = fisher_kernel(*args, method="exact", **kw)
+    keys: dict[tuple[int, ...], int] = {}
+    rows = prompt_tokens(bt.eval.batch) + prompt_tokens(bt.update.batch)
+    ids = [keys.setdefault(p, len(keys)) for p in rows]
+    n_e = len(bt.eval.batch)
+    return KernelRun(kern, torch.tensor(ids[:n_e]), torch.tensor(ids[n_e:]), proj)
 
 
 def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovarianceProxy:

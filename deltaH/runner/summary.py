@@ -20,7 +20,9 @@ from deltaH.estimators.first_order import FirstOrder
 from deltaH.estimators.influence import CovarianceProxy
 from deltaH.estimators.kernel import kernel_summary
 from deltaH.io import schema as sc
+from deltaH.io._report_kernel import kernel_warnings
 from deltaH.io.results import to_jsonable
+from deltaH.runner.controls import MEASURED, ControlsRun
 from deltaH.runner.stages import (
     Attributed,
     Batches,
@@ -28,6 +30,7 @@ from deltaH.runner.stages import (
     EtaGrid,
     InfluencePair,
     Inputs,
+    KernelRun,
     Realised,
     Sweep,
 )
@@ -193,6 +196,55 @@ def batches_summary(cfg: Config, bt: Batches) -> sc.BatchesInfo:
     )
 
 
+def kernel_info(cfg: Config, kern: KernelRun) -> sc.KernelInfo:
+    """The typed ``kernel`` section: same- vs different-prompt statistics and, for a projection, its
+    memory and fidelity."""
+    ks = kernel_summary(kern.kernel, kern.prompt_e, kern.prompt_u)
+    pk = kern.projected
+    if pk is None:
+        return sc.KernelInfo(method=cfg.analyses.kernel_method, **ks.__dict__)
+    f = pk.fidelity
+    return sc.KernelInfo(
+        method=cfg.analyses.kernel_method,
+        **ks.__dict__,
+        proj_dim=pk.proj_dim,
+        subspace=pk.subspace,
+        memory_fraction=pk.stored_floats / pk.exact_floats,
+        check_memory_fraction=pk.check_floats / pk.exact_floats,
+        fidelity=None if f is None else sc.KernelFidelity(**f.__dict__),
+    )
+
+
+def controls_info(ctl: ControlsRun, trusted_at_ref: bool) -> sc.ControlsInfo:
+    """The typed ``controls`` section, with the notes a reader needs (first order, trust at η_ref)."""
+    def value(x: torch.Tensor, j: int) -> float:
+        return float(x[j])
+
+    out = []
+    for o in ctl.outcomes:
+        dirs = [sc.ControlDirection(
+            name, value(o.delta_h, j), value(o.delta_h_per_token, j), value(o.ess, j),
+            None if math.isnan(value(o.khat, j)) else value(o.khat, j), value(o.delta_h1, j),
+            value(o.delta_h1_se, j), value(o.second_order, j)) for j, name in enumerate(MEASURED)]
+        k = o.control
+        out.append(sc.ControlInfo(o.name, k.coef, k.se, o.current, k.slope_base, k.slope_base_se, k.slope_dir,
+                                  k.slope_dir_se, dirs))
+    notes = ["first order: δH₁ at the coefficient found equals the target exactly, ΔH only while ΔH is "
+             "linear in the step (the η sweep around η_ref) and for the step with D and clipping frozen; "
+             "'controlled' and 'trainer' measure how far that holds", *ctl.notes]
+    if not trusted_at_ref:
+        notes.append("the η sweep does not trust η_ref: the linearity the coefficients rest on is not "
+                     "confirmed there")
+    for c in out:
+        if math.isfinite(c.coef) and math.isfinite(c.coef_se) and c.coef_se > abs(c.coef):
+            notes.append(f"{c.name}: the standard error ({c.coef_se:.3g}) exceeds the coefficient "
+                         f"({c.coef:.3g}); a larger evaluation batch pins it down")
+        if c.name == "entropy_coef" and c.coef < 0:
+            notes.append("entropy_coef < 0: reaching the target needs an entropy penalty, not a bonus (the "
+                         "step already moves the entropy above the target to first order)")
+    return sc.ControlsInfo(ctl.target, ctl.eta, ctl.entropy_u, ctl.clip_coef, out, notes)
+
+
 def checkpoint_summary(inp: Inputs) -> dict[str, Any]:
     ckpt = inp.ckpt
     d = ckpt.describe() if hasattr(ckpt, "describe") else {}
@@ -288,20 +340,18 @@ def summarise(
     sw: Sweep,
     so: torch.Tensor | None,
     inf: InfluencePair | None,
-    kern: torch.Tensor | None,
+    kern: KernelRun | None,
     px: CovarianceProxy | None,
     timings: dict[str, float],
     att: Attributed | None = None,
     real: Realised | None = None,
+    ctl: ControlsRun | None = None,
 ) -> sc.RunSummary:
     """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
     etas = grid.etas
     trust = trust_of(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0, inp.compute_dtype)
     ud = dr.update
-    kernel = None
-    if kern is not None:
-        ks = kernel_summary(kern, bt.eval.prompt_index, bt.update.prompt_index)
-        kernel = sc.KernelInfo(method=cfg.analyses.kernel_method, **ks.__dict__)
+    kernel = None if kern is None else kernel_info(cfg, kern)
     return sc.RunSummary(
         deltah_version=deltaH.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -332,5 +382,6 @@ def summarise(
         kernel=kernel,
         proxy=None if px is None else sc.ProxyInfo(**px.__dict__),
         replay=replay_summary(inp, dr, real),
-        warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real),
+        warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real) + kernel_warnings(kernel),
+        controls=None if ctl is None else controls_info(ctl, trust["trusted"][ref_index(etas, dr.eta_ref)]),
     )

@@ -16,7 +16,7 @@ import torch
 from deltaH.config import Config
 from deltaH.io.results import ResultsDir
 from deltaH.io.schema import RunSummary
-from deltaH.runner.stages import Attributed, Batches, InfluencePair, Sweep
+from deltaH.runner.stages import Attributed, Batches, InfluencePair, KernelRun, Sweep
 from deltaH.runner.summary import to_np
 from deltaH.stats import SequenceStats, TokenDiagnostics
 from deltaH.updates.directions import DECOMPOSITIONS
@@ -90,7 +90,7 @@ def write_analyses(
     rd: ResultsDir,
     cfg: Config,
     inf: InfluencePair | None,
-    kern: torch.Tensor | None,
+    kern: KernelRun | None,
     att: Attributed | None = None,
 ) -> None:
     if inf is not None:
@@ -115,7 +115,16 @@ def write_analyses(
         ):
             rd.save_array(name, np.asarray(arr), what)
     if kern is not None:
-        rd.save_array("kernel", kern, "cross Fisher kernel K[t, i] [N_E, N_U]")
+        rd.save_array("kernel", kern.kernel, "cross Fisher kernel K[t, i] [N_E, N_U]")
+        rd.save_array("kernel_prompt_eval", kern.prompt_e,
+                      "prompt number of each evaluation sequence (equal prompt tokens, equal number) [N_E]")
+        rd.save_array("kernel_prompt_update", kern.prompt_u,
+                      "prompt number of each update sequence, same numbering [N_U]")
+        pk = kern.projected
+        if pk is not None and pk.check_columns is not None and pk.check_exact is not None:
+            rd.save_array("kernel_check_columns", pk.check_columns,
+                          "update sequences whose exact kernel column checks the projection [m]")
+            rd.save_array("kernel_check_exact", pk.check_exact, "their exact kernel columns [N_E, m]")
 
 
 def write_summary_and_report(rd: ResultsDir, cfg: Config, summary: RunSummary) -> RunSummary:

@@ -1,7 +1,10 @@
 """The evaluation batch ``E`` and the update batch ``U``, each with its provenance.
 
 ``E`` (docs/math.md#true-entropy-change-snis) is ``E_total_sequences = N`` draws from ``q_θ``:
-``N / G`` prompts drawn *with replacement* from the records, ``G`` responses each. ``U`` is a GRPO
+``N / G`` prompts drawn from the records *with replacement* (``prompts="replacement"``, the default)
+or *distinct* (``prompts="distinct"``), ``G`` responses each; optionally followed by ``G`` more
+responses for each prompt of an update batch (``update_prompts_of``), so that E and U share
+prompts (the kernel's same-prompt pairs, docs/math.md#fisher-kernel). ``U`` is a GRPO
 generation batch: ``B_U`` *distinct* prompts, ``G`` responses each, rewarded and turned into
 advantages as TRL's ``GRPOTrainer`` does (``grpo_trainer.py``, TRL 1.x)::
 
@@ -16,9 +19,10 @@ get fresh responses (same prompts) up to ``max_resample_attempts`` times, then a
 
 Rows are group-major (group ``k`` is rows ``k·G .. k·G + G − 1``). All randomness comes from one
 ``torch.Generator`` seeded with ``seed``: the prompt draw first, then the sampler, then any
-re-draws, so a batch is a pure function of its arguments. Prompts are tokenized with
-``add_special_tokens=False`` by default (TRL does the same for its prompts); responses are decoded
-with ``skip_special_tokens=True``.
+re-draws, so a batch is a pure function of its arguments. E's extra rows for U's prompts are drawn
+after its own rows from the same generator, so its own rows are those it has without them.
+Prompts are tokenized with ``add_special_tokens=False`` by default (TRL does the same for its
+prompts); responses are decoded with ``skip_special_tokens=True``.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from deltaH._choices import EVAL_PROMPTS, check_choice
 from deltaH._choices import SCALE_REWARDS as SCALE_REWARDS
 from deltaH._choices import ScaleRewards as ScaleRewards
-from deltaH._choices import check_choice
 from deltaH.batch import SequenceBatch
 from deltaH.errors import ArgumentError, CheckpointError, DataError
 from deltaH.functional import FunctionalLM
@@ -87,7 +91,21 @@ class _Drawn:
 
 @dataclass(frozen=True)
 class EvalBatch(_Drawn):
-    """``E``: ``N`` sequences with their provenance (the fields of every drawn batch, no rewards)."""
+    """``E``: ``N`` sequences with their provenance (the fields of every drawn batch, no rewards).
+
+    ``update_prompt [N]`` (bool; None when E was built without ``update_prompts_of``) marks the rows
+    drawn for the update batch's prompts; their ``prompt_index`` is U's (−1 for a recorded U).
+    """
+
+    update_prompt: Tensor | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON-ready provenance dict per row (with ``update_prompt`` when E has such rows)."""
+        out = super().rows()
+        if self.update_prompt is not None:
+            for d, u in zip(out, self.update_prompt.tolist(), strict=True):
+                d["update_prompt"] = bool(u)
+        return out
 
 
 @dataclass(frozen=True)
@@ -137,42 +155,97 @@ def build_eval_batch(
     pad_token_id: int | None = None,
     batch_size: int | None = None,
     add_special_tokens: bool = False,
+    prompts: str = "replacement",
+    update_prompts_of: UpdateBatch | None = None,
 ) -> EvalBatch:
-    """``E``: ``total_sequences / group_size`` prompts drawn with replacement, ``group_size`` responses each.
+    """``E``: ``total_sequences / group_size`` prompts, ``group_size`` responses each.
 
-    ``eos_token_id`` / ``pad_token_id`` default to the tokenizer's (pad falls back to EOS);
-    ``batch_size`` is the sampler's chunk size. Returns an :class:`EvalBatch` of ``N =
-    total_sequences`` rows, group-major.
+    ``prompts``: ``"replacement"`` draws the prompts with replacement (a prompt may repeat),
+    ``"distinct"`` draws distinct ones (a ``DataError`` when the records are fewer than
+    ``total_sequences / group_size``). ``update_prompts_of``: an update batch whose prompts get
+    ``group_size`` responses each as well, drawn after E's own rows (one group per prompt group of
+    U, in U's group order; U's rows themselves are not reused): ``N = total_sequences + B_U ·
+    group_size``. ``eos_token_id`` / ``pad_token_id`` default to the tokenizer's (pad falls back to
+    EOS); ``batch_size`` is the sampler's chunk size. Returns an :class:`EvalBatch` of ``N`` rows,
+    group-major.
     """
     _check_records(records)
     _check_int("group_size", group_size, 1)
     _check_int("total_sequences", total_sequences, 1)
+    check_choice("prompts", prompts, EVAL_PROMPTS)
     if total_sequences % group_size:
         raise ArgumentError(
             f"total_sequences={total_sequences} is not a multiple of group_size={group_size}: E is made "
             f"of whole groups; use e.g. total_sequences={-(-total_sequences // group_size) * group_size}"
         )
+    n_groups = total_sequences // group_size
+    if prompts == "distinct" and n_groups > len(records):
+        raise DataError(
+            f"E needs {n_groups} distinct prompts (total_sequences / group_size) but there are "
+            f"{len(records)} records: set eval_batch.prompts to replacement, lower "
+            "eval_batch.total_sequences or raise eval_batch.group_size, or load more prompts (data.path, "
+            "data.limit)"
+        )
     eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
     g = torch.Generator().manual_seed(_check_int("seed", seed, None))
-    n_groups = total_sequences // group_size
-    draws = torch.randint(len(records), (n_groups,), generator=g).tolist()
+    if prompts == "distinct":
+        draws = torch.randperm(len(records), generator=g)[:n_groups].tolist()
+    else:
+        draws = torch.randint(len(records), (n_groups,), generator=g).tolist()
     prompt_ids = _encode(lm, records, draws, tokenizer, add_special_tokens)
     batch = sample(lm, params, prompt_ids, policy=policy, max_new_tokens=max_new_tokens,
                    n_per_prompt=group_size, eos_token_id=eos, pad_token_id=pad, generator=g,
                    batch_size=batch_size)
     index = [i for i in draws for _ in range(group_size)]
+    ids = [records[i].id for i in index]
+    texts = [records[i].prompt for i in index]
+    flag = None
+    if update_prompts_of is not None:
+        extra = _update_prompts(update_prompts_of)
+        more = sample(lm, params, [e[0] for e in extra], policy=policy, max_new_tokens=max_new_tokens,
+                      n_per_prompt=group_size, eos_token_id=eos, pad_token_id=pad, generator=g,
+                      batch_size=batch_size)
+        rows = [p for p in prompt_ids for _ in range(group_size)]
+        rows += [e[0] for e in extra for _ in range(group_size)]
+        batch = pack(rows, _responses(batch) + _responses(more), pad, device=lm.device)
+        index += [e[1] for e in extra for _ in range(group_size)]
+        ids += [e[2] for e in extra for _ in range(group_size)]
+        texts += [e[3] for e in extra for _ in range(group_size)]
+        flag = torch.arange(len(index)) >= total_sequences
     return EvalBatch(
         batch=batch,
         prompt_index=torch.tensor(index, dtype=torch.long),
-        group=torch.arange(n_groups).repeat_interleave(group_size),
-        record_ids=[records[i].id for i in index],
-        prompts=[records[i].prompt for i in index],
+        group=torch.arange(len(index) // group_size).repeat_interleave(group_size),
+        record_ids=ids,
+        prompts=texts,
         responses=_decode(tokenizer, _responses(batch)),
         group_size=group_size,
         seed=seed,
         policy=policy,
         max_new_tokens=max_new_tokens,
+        update_prompt=flag,
     )
+
+
+def prompt_tokens(batch: SequenceBatch) -> list[tuple[int, ...]]:
+    """Each row's prompt: its attended token ids before the first scored (response) token."""
+    out = []
+    for ids, am, rm in zip(batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.response_mask.cpu(),
+                           strict=True):
+        first = int(rm.nonzero()[0]) if bool(rm.any()) else len(ids)
+        out.append(tuple(ids[:first][am[:first]].tolist()))
+    return out
+
+
+def _update_prompts(up: UpdateBatch) -> list[tuple[list[int], int, str, str]]:
+    """``(prompt ids, prompt_index, record id, prompt text)`` of each prompt group of ``up``, in
+    group order (the group's first row)."""
+    toks = prompt_tokens(up.batch)
+    first: dict[int, int] = {}
+    for r, k in enumerate(up.group.tolist()):
+        first.setdefault(int(k), r)
+    return [(list(toks[r]), int(up.prompt_index[r]), up.record_ids[r], up.prompts[r])
+            for _, r in sorted(first.items())]
 
 
 def build_update_batch(

@@ -8,8 +8,9 @@ from _refs import hf_keep
 from conftest import tiny_qwen2, with_lora
 
 import deltaH as dh
+from deltaH.estimators._sketch import fidelity, sketch_kernel
 from deltaH.estimators.influence import covariance_proxy, influence_matrix
-from deltaH.estimators.kernel import fisher_kernel, kernel_summary
+from deltaH.estimators.kernel import fisher_kernel, kernel_summary, projected_kernel
 from deltaH.updates.grads import logprob_sums
 
 TAU = 0.8
@@ -60,8 +61,10 @@ def setup() -> dict[str, object]:
         return torch.stack(rows)
 
     p_flat = torch.cat([precond[n].reshape(-1).double() for n in names])
-    ref = (dense(ev, 0.9) * p_flat) @ dense(up, None).T
-    return {"model": model, "lm": lm, "ev": ev, "up": up, "precond": precond, "pol": pol, "ref": ref}
+    dense_e, dense_u = dense(ev, 0.9), dense(up, None)
+    ref = (dense_e * p_flat) @ dense_u.T
+    return {"model": model, "lm": lm, "ev": ev, "up": up, "precond": precond, "pol": pol, "ref": ref,
+            "dense_e": dense_e, "dense_u": dense_u}
 
 
 def test_exact_kernel_matches_dense_reference_for_any_block_size(setup: dict) -> None:
@@ -84,10 +87,11 @@ def test_preconditioner_applied_once(setup: dict) -> None:
 def test_projection_is_unbiased_and_error_shrinks(setup: dict) -> None:
     lm, ev, up, pc, pol, ref = (setup[k] for k in ("lm", "ev", "up", "precond", "pol", "ref"))
     errs = []
-    for k in (16, 256, 4096):
+    for k in (16, 256, 4096):  # the CountSketch alone (subspace 0): a subspace of 6 dims would span U
         est = torch.stack(
             [
-                fisher_kernel(lm, lm.params, ev, up, pc, policy=pol, method="projection", proj_dim=k, seed=s)
+                fisher_kernel(lm, lm.params, ev, up, pc, policy=pol, method="projection", proj_dim=k, seed=s,
+                              subspace=0)
                 for s in range(3)
             ]
         )
@@ -97,6 +101,37 @@ def test_projection_is_unbiased_and_error_shrinks(setup: dict) -> None:
     same = fisher_kernel(lm, lm.params, ev, up, pc, policy=pol, method="projection", proj_dim=64, seed=7)
     again = fisher_kernel(lm, lm.params, ev, up, pc, policy=pol, method="projection", proj_dim=64, seed=7)
     assert torch.equal(same, again)  # seeded
+
+
+def test_projected_kernel_is_the_sketch_of_the_dense_gradients(setup: dict) -> None:
+    """projected_kernel streams per-sequence gradients through the same steps as sketch_kernel on
+    the dense autograd reference rows x = P^{1/2}·∇ (float64 model: only round-off of the two
+    gradient paths, ≤ 2e-14 relative observed, separates them; bound 1e-9); its check columns are
+    the exact columns of the reference, and a subspace as large as U makes it exact."""
+    lm, ev, up, pc, pol, ref = (setup[k] for k in ("lm", "ev", "up", "precond", "pol", "ref"))
+    names = list(lm.params)
+    root = torch.cat([pc[n].reshape(-1).double() for n in names]).sqrt()
+    dense_e, dense_u = setup["dense_e"], setup["dense_u"]
+    sizes = [lm.params[n].numel() for n in names]
+    tol = 1e-9 * float(ref.abs().max())
+    for sub, k in ((0, 64), (3, 32)):
+        pk = projected_kernel(lm, lm.params, ev, up, pc, policy=pol, proj_dim=k, subspace=sub, seed=5,
+                              seq_chunk=4, check_columns=2)
+        want = sketch_kernel(dense_e * root, dense_u * root, sizes, proj_dim=k, subspace=sub, seed=5)
+        torch.testing.assert_close(pk.kernel, want, rtol=0, atol=tol)
+        assert pk.check_columns is not None and pk.check_exact is not None and pk.fidelity is not None
+        cols = pk.check_columns
+        assert len(set(cols.tolist())) == 2 and pk.subspace == sub and pk.proj_dim == k
+        torch.testing.assert_close(pk.check_exact, ref[:, cols], rtol=0, atol=tol)
+        assert pk.fidelity == fidelity(pk.kernel[:, cols], pk.check_exact)
+        p = sum(sizes)
+        assert pk.exact_floats == (len(ev) + len(up)) * p
+        assert pk.stored_floats == sub * p + (len(ev) + len(up)) * (sub + k)
+    exact = projected_kernel(lm, lm.params, ev, up, pc, policy=pol, proj_dim=4, subspace=len(up), seed=0)
+    torch.testing.assert_close(exact.kernel, ref, rtol=0, atol=tol)
+    assert exact.fidelity is None and exact.check_columns is None
+    with pytest.raises(ValueError, match="subspace must be an int >= 0"):
+        projected_kernel(lm, lm.params, ev, up, pc, policy=pol, subspace=-1)
 
 
 def test_kernel_relates_to_the_adamw_components() -> None:
@@ -145,6 +180,7 @@ def test_kernel_summary_splits_prompts() -> None:
     assert s.n_same == 3 and s.n_diff == 3
     assert s.mean_same == pytest.approx((1 - 2 - 6) / 3) and s.mean_diff == pytest.approx((3 + 4 + 5) / 3)
     assert s.abs_same == pytest.approx((1 + 2 + 6) / 3)
+    assert s.median_abs_same == 2.0 and s.median_abs_diff == 4.0
     with pytest.raises(ValueError, match="do not match"):
         kernel_summary(k, [0], [0, 0, 1])
 

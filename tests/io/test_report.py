@@ -387,7 +387,7 @@ def test_report_is_the_same_from_memory_and_from_the_file(tmp_path: Path) -> Non
     text = R.render_report(mem, tmp_path)
     assert text == R.render_report(back, tmp_path)
     assert R.format_summary_table(mem) == R.format_summary_table(back)
-    assert "| same prompt | n/a | n/a | 0 |" in text
+    assert "| same prompt | n/a | n/a | n/a | 0 |" in text
     assert "NaN" not in text and not re.search(r"\binf\b", text)
     row = next(ln for ln in text.splitlines() if ln.startswith("| full |"))
     assert "| n/a | n/a |" in row  # ESS and k̂ at η_ref

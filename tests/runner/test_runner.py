@@ -17,9 +17,12 @@ import deltaH.runner as runner
 from deltaH.cli import main
 from deltaH.config import load_config
 from deltaH.errors import CheckpointError, OutputExistsError
+from deltaH.estimators._sketch import fidelity
 from deltaH.functional import FunctionalLM
 from deltaH.io.compare import compare_results
 from deltaH.io.results import ResultsDir, run_guard
+from deltaH.io.schema import RunSummary
+from deltaH.runner.controls import MEASURED
 
 SHORT = [
     "eval_batch.total_sequences=16",
@@ -97,6 +100,51 @@ def test_summary_is_consistent(full_run: Path) -> None:
     assert k.shape == (16, 16) and s["kernel"]["n_same"] + s["kernel"]["n_diff"] == 256
     assert s["proxy"] is not None and np.isfinite(s["proxy"]["cov"])
     assert s["checkpoint"]["kind"] == "trainer" and s["checkpoint"]["global_step"] == 5
+
+
+def test_projected_kernel_with_the_update_prompts(tmp_path: Path) -> None:
+    """eval_batch.include_update_prompts populates the same-prompt pairs; a projected kernel reports its
+    memory and its fidelity on the exact columns it saved; report and plot show both prompt splits. The
+    controls ride along: summary.controls and their report section (their math: test_controls.py)."""
+    rc, out = _run(tmp_path, "kern", "analyses.kernel=true", "analyses.kernel_method=projection",
+                   "analyses.kernel_subspace=3", "analyses.kernel_proj_dim=64",
+                   "analyses.kernel_check_columns=4", "eval_batch.include_update_prompts=true",
+                   "analyses.influence=false", "analyses.controls=true", "analyses.entropy_target=1e-4")
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    arr = ResultsDir.open(out).load_arrays()
+    k = arr["kernel"]
+    assert k.shape == (16 + 4 * 4, 16) and s["batches"]["eval"]["n"] == 32
+    # Same prompt = same prompt text in the saved batches (the toy tokenizer is character level).
+    ev = [json.loads(x) for x in (out / "batches" / "eval.jsonl").read_text().splitlines()]
+    up = [json.loads(x) for x in (out / "batches" / "update.jsonl").read_text().splitlines()]
+    same = arr["kernel_prompt_eval"][:, None] == arr["kernel_prompt_update"][None, :]
+    assert same.tolist() == [[e["prompt"] == u["prompt"] for u in up] for e in ev]
+    assert [e["update_prompt"] for e in ev] == [False] * 16 + [True] * 16
+    kn = s["kernel"]
+    assert kn["n_same"] == int(same.sum()) >= 4 * 4 * 4 and kn["n_same"] + kn["n_diff"] == k.size
+    assert kn["mean_same"] == pytest.approx(float(k[same].mean()), rel=1e-12)
+    assert (kn["subspace"], kn["proj_dim"]) == (3, 64)
+    n_params = s["checkpoint"]["n_trainable"]
+    assert kn["memory_fraction"] == pytest.approx((3 * n_params + 48 * (3 + 64)) / (48 * n_params), rel=1e-12)
+    cols, exact = arr["kernel_check_columns"], arr["kernel_check_exact"]
+    assert cols.shape == (4,) and exact.shape == (32, 4)
+    want = fidelity(torch.from_numpy(k[:, cols]), torch.from_numpy(exact))
+    assert kn["fidelity"] == pytest.approx(want.__dict__, rel=1e-12)
+    report = (out / "report.md").read_text()
+    assert "Fidelity against the exact kernel on 128 pairs" in report and "plots/kernel.png" in report
+    assert (out / "plots" / "kernel.png").is_file()
+    c = RunSummary.from_json(s).controls
+    assert c is not None and c.target == 1e-4 and c.eta == s["eta_reference"]
+    (bonus,) = c.controls
+    assert bonus.name == "entropy_coef" and [d.name for d in bonus.directions] == list(MEASURED)
+    controlled = bonus.directions[MEASURED.index("controlled")]
+    # float32 toy: δH₁ of u + c*·ĉ_H in float32 carries ~ε32 × (token sums) of the two parts it adds up
+    # (observed 3e-7 relative); bound 1e-5 of their size
+    size = c.eta * (abs(bonus.slope_base) + abs(bonus.coef * bonus.slope_term))
+    assert abs(controlled.delta_h1 - 1e-4) <= 1e-5 * size
+    section = report.split("## Controls")[1].split("\n## ")[0]
+    assert "entropy_coef" in section and "trainer's AdamW step with c*" in section
 
 
 def test_attribution_agrees_with_the_saved_arrays(full_run: Path) -> None:
@@ -372,6 +420,8 @@ def test_cuda_on_a_cpu_machine_fails_before_loading(
         (["data.prompt_field=nope"], ["has no field 'nope'", "set data.prompt_field"]),
         (["data.path=missing.jsonl"], ["missing.jsonl does not exist", "data.path"]),
         (["data.limit=2"], ["update_batch.n_prompts", "2 prompt(s)"]),
+        (["data.limit=10", "eval_batch.group_size=1", "eval_batch.prompts=distinct"],
+         ["eval_batch.prompts", "needs 16 prompts", "holds 10"]),
     ],
 )
 def test_bad_data_or_reward_is_found_before_loading(

@@ -44,6 +44,11 @@ def _downstream(name: str) -> set[str]:
         ("analyses.entropy_mode=naive", "first_order"),
         ("eta.n_points=5", "eta_grid"),
         ("analyses.kernel_method=projection", "kernel"),
+        ("analyses.kernel_subspace=4", "kernel"),
+        ("analyses.kernel_check_columns=2", "kernel"),
+        ("eval_batch.include_update_prompts=true", "batches"),
+        ("eval_batch.prompts=distinct", "batches"),
+        ("analyses.entropy_target=0.1", "controls"),
     ],
 )
 def test_a_config_change_invalidates_exactly_its_stage_and_what_follows(override: str, first: str) -> None:

@@ -126,6 +126,73 @@ def test_eval_batch_errors(lm: dh.FunctionalLM, tok: PreTrainedTokenizerFast) ->
         build_eval_batch(lm, lm.params, empty, tok, total_sequences=4, group_size=4, **kw)
 
 
+def test_eval_batch_defaults_are_the_plain_recipe(lm: dh.FunctionalLM, tok: PreTrainedTokenizerFast) -> None:
+    """At its defaults E is what it always was: one generator seeded with ``seed``, ``randint`` prompt
+    draws, then one ``sample`` call (written out here); the new options spelled at their defaults
+    change nothing."""
+    recs = _records()
+    kw = dict(policy=POLICY, total_sequences=24, group_size=4, max_new_tokens=5, seed=9)
+    g = torch.Generator().manual_seed(9)
+    draws = torch.randint(len(recs), (6,), generator=g).tolist()
+    ids = [tok.encode(recs[i].prompt, add_special_tokens=False) for i in draws]
+    want = dh.sample(lm, lm.params, ids, policy=POLICY, max_new_tokens=5, n_per_prompt=4, eos_token_id=1,
+                     pad_token_id=0, generator=g)
+    for e in (build_eval_batch(lm, lm.params, recs, tok, **kw),  # type: ignore[arg-type]
+              build_eval_batch(lm, lm.params, recs, tok, prompts="replacement", update_prompts_of=None,
+                               **kw)):  # type: ignore[arg-type]
+        for a, b in ((e.batch.input_ids, want.input_ids), (e.batch.attention_mask, want.attention_mask),
+                     (e.batch.response_mask, want.response_mask)):
+            assert torch.equal(a, b)
+        assert e.prompt_index.tolist() == [i for i in draws for _ in range(4)] and e.update_prompt is None
+        assert all("update_prompt" not in d for d in e.rows())  # batches/eval.jsonl unchanged too
+
+
+def test_eval_batch_distinct_prompts(lm: dh.FunctionalLM, tok: PreTrainedTokenizerFast) -> None:
+    recs = _records()
+    kw = dict(policy=POLICY, group_size=2, max_new_tokens=4)
+    for seed in range(6):
+        e = build_eval_batch(lm, lm.params, recs, tok, total_sequences=10, seed=seed, prompts="distinct",
+                             **kw)  # type: ignore[arg-type]
+        assert sorted(e.prompt_index[::2].tolist()) == [0, 1, 2, 3, 4]  # 5 groups: every record once
+        _check_provenance(e, recs, tok)
+    e = build_eval_batch(lm, lm.params, recs, tok, total_sequences=6, seed=0, prompts="distinct",
+                         **kw)  # type: ignore[arg-type]
+    assert len(set(e.prompt_index[::2].tolist())) == 3
+    with pytest.raises(ValueError, match=r"6 distinct prompts .* 5 records.*eval_batch.prompts"):
+        build_eval_batch(lm, lm.params, recs, tok, total_sequences=12, seed=0, prompts="distinct",
+                         **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prompts must be one of"):
+        build_eval_batch(lm, lm.params, recs, tok, total_sequences=4, seed=0, prompts="unique",
+                         **kw)  # type: ignore[arg-type]
+
+
+def test_eval_batch_with_the_update_prompts(lm: dh.FunctionalLM, tok: PreTrainedTokenizerFast) -> None:
+    """E's own rows are unchanged; then group_size fresh draws from q for each of U's prompts."""
+    recs = _records()
+    u = build_update_batch(lm, lm.params, recs, tok, _length_reward, policy=POLICY, n_prompts=3, group_size=4,
+                           max_new_tokens=6, seed=1)
+    kw = dict(policy=POLICY, total_sequences=8, group_size=2, max_new_tokens=6, seed=4)
+    plain = build_eval_batch(lm, lm.params, recs, tok, **kw)  # type: ignore[arg-type]
+    e = build_eval_batch(lm, lm.params, recs, tok, update_prompts_of=u, **kw)  # type: ignore[arg-type]
+    assert len(e) == 8 + 3 * 2 and e.update_prompt is not None
+    assert e.update_prompt.tolist() == [False] * 8 + [True] * 6
+    _check_provenance(e, recs, tok)
+    own = [(p, r) for p, r in zip(_prompt_ids(plain.batch), _responses_ids(plain.batch), strict=True)]
+    assert list(zip(_prompt_ids(e.batch), _responses_ids(e.batch), strict=True))[:8] == own
+    assert e.responses[:8] == plain.responses and torch.equal(e.prompt_index[:8], plain.prompt_index)
+    assert e.prompt_index[8:].tolist() == [i for i in u.prompt_index[::4].tolist() for _ in range(2)]
+    assert [d["update_prompt"] for d in e.rows()] == e.update_prompt.tolist()
+    st = dh.sequence_stats(lm, lm.params, e.batch, policy=POLICY)
+    assert torch.isfinite(st.logq).all()  # the new rows are draws from q (top-p): inside every nucleus
+    # Same-prompt rows are fresh draws, not U's rows: with these seeds some response differs.
+    assert set(e.responses[8:]) != set(u.responses)
+
+
+def _prompt_ids(batch: dh.SequenceBatch) -> list[list[int]]:
+    return [r[a & ~m].tolist() for r, a, m in
+            zip(batch.input_ids, batch.attention_mask, batch.response_mask, strict=True)]
+
+
 # -- U ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_update_batch(lm: dh.FunctionalLM, tok: PreTrainedTokenizerFast, scale: str) -> None:
