@@ -99,8 +99,9 @@ class Scores:
     mask: Tensor
 
     def take(self, rows: Tensor) -> Scores:
-        """The scores of ``rows`` (sorted, distinct): copies, unless they are all the rows."""
-        if rows.numel() == self.z.shape[0]:
+        """The scores of ``rows`` (distinct): copies, unless they are all the rows in order."""
+        in_order = rows == torch.arange(rows.numel(), device=rows.device)
+        if rows.numel() == self.z.shape[0] and bool(in_order.all()):
             return self
         r = rows.numel()
         z, prob, w, mass = self.z[rows], self.prob[rows], self.w[rows], self.mass[rows]
@@ -176,9 +177,8 @@ def decide(sc: Scores, top_p: float, k0: int) -> Nucleus:
     for k in (min(k0, v), k_long):
         if not (k and todo.numel()):
             break
-        part = sc.take(todo)
-        top_z, top_idx = topk(part.z, k)
-        top_m = part.prob.gather(-1, top_idx).double() / part.mass.unsqueeze(-1)
+        top_z, top_idx = topk(sc.z, k, None if todo.numel() == c else todo)
+        top_m = sc.prob[todo.unsqueeze(-1), top_idx].double() / sc.mass[todo].unsqueeze(-1)
         n_keep, decided, inside = _prefix_rule(top_z, top_m, thr)
         if bool(decided.any()):
             out.sparse.append((todo[decided], top_idx[decided], n_keep[decided]))
@@ -196,16 +196,17 @@ def decide(sc: Scores, top_p: float, k0: int) -> Nucleus:
         else:
             hist = torch.cat([hist, todo[rest]])
             todo = todo[:0]
-    todo = hist
+    todo = torch.sort(hist).values
     if todo.numel():
         step = max(1, _HIST_BINS // _buckets(v)[0])
         for s in range(0, todo.numel(), step):
             part_rows = todo[s : s + step]
             part = sc.take(part_rows)
-            top_z, top_idx = _histogram_prefix(part, thr)
+            top_z, top_idx, heavy = _histogram_prefix(part, thr)
             # padding has z = −inf: its mass is 0, so it never holds the boundary of a decided row
             top_m = part.prob.gather(-1, top_idx).double().masked_fill(top_z == float("-inf"), 0.0)
             n_keep, decided, _ = _prefix_rule(top_z, top_m / part.mass.unsqueeze(-1), thr)
+            decided &= heavy
             out.sparse.append((part_rows[decided], top_idx[decided], n_keep[decided]))
             exact = torch.cat([exact, part_rows[~decided]])
     hf = rows[~finite]
@@ -220,8 +221,9 @@ def decide(sc: Scores, top_p: float, k0: int) -> Nucleus:
     return out
 
 
-def topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``torch.topk(z, k)`` (descending values, their indices) of ``z [r, V]``, ranking ``16·k`` tokens.
+def topk(z: Tensor, k: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``torch.topk(z[rows], k)`` (descending values, their indices) of ``z [c, V]``, ranking ``16·k``
+    tokens per row (``rows``: all by default; the rows of ``z`` are not copied).
 
     Split each row into ``g = V // 16`` strided groups ``{j, j + g, …, j + 15g}`` (plus the ``V mod
     16`` last tokens, always candidates). The ``i``-th largest value of the row has ``i`` tokens at
@@ -230,17 +232,20 @@ def topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     candidates are the row's top-``k`` values. Equal values may come with other indices than
     ``torch.topk``'s (callers treat a tie at the boundary as undecided).
     """
-    r, v = z.shape
+    c, v = z.shape
     g = v // _GROUP
     if k * _GROUP * 4 > v or z.stride(-1) != 1:
-        return torch.topk(z, k, dim=-1)
-    gmax = z.as_strided((r, _GROUP, g), (z.stride(0), g, 1)).amax(1)  # [r, g]
+        return torch.topk(z if rows is None else z[rows], k, dim=-1)
+    gmax = z.as_strided((c, _GROUP, g), (z.stride(0), g, 1)).amax(1)  # [c, g]
+    if rows is not None:
+        gmax = gmax[rows]
     gi = torch.topk(gmax, k, dim=-1, sorted=False).indices  # [r, k]
-    cand = (gi.unsqueeze(1) + g * torch.arange(_GROUP, device=z.device).unsqueeze(-1)).reshape(r, -1)
+    cand = (gi.unsqueeze(1) + g * torch.arange(_GROUP, device=z.device).unsqueeze(-1)).flatten(1)
     if v > g * _GROUP:
-        tail = torch.arange(g * _GROUP, v, device=z.device).expand(r, -1)
+        tail = torch.arange(g * _GROUP, v, device=z.device).expand(gi.shape[0], -1)
         cand = torch.cat([cand, tail], dim=-1)
-    top_z, pos = torch.topk(z.gather(-1, cand), k, dim=-1)
+    cz = z.gather(-1, cand) if rows is None else z[rows.unsqueeze(-1), cand]
+    top_z, pos = torch.topk(cz, k, dim=-1)
     return top_z, cand.gather(-1, pos)
 
 
@@ -271,9 +276,10 @@ def _buckets(v: int) -> tuple[int, int]:
     return 1 << n_bits, 31 - n_bits
 
 
-def _histogram_prefix(sc: Scores, thr: float) -> tuple[Tensor, Tensor]:
+def _histogram_prefix(sc: Scores, thr: float) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's smallest bucket-aligned top set holding mass ``> 1 − thr`` plus one more bucket,
-    sorted by ``z`` (descending): ``(top_z [r, n], top_idx [r, n])``, padded with ``−inf``.
+    sorted by ``z`` (descending): ``(top_z [r, n], top_idx [r, n], heavy [r])``, padded with ``−inf``;
+    rows not ``heavy`` (boundary tokens too light to certify) get no candidates.
 
     Bucket ``b(w) = bits(w) >> shift`` (non-negative floats order like their bit patterns, so ``b``
     is monotone non-increasing in ``z`` and ``{b ≤ B}`` is a top set: the exact top-``n`` tokens).
@@ -293,6 +299,12 @@ def _histogram_prefix(sc: Scores, thr: float) -> tuple[Tensor, Tensor]:
     b_star = (d < 1.0 - thr).sum(-1, keepdim=True)
     after = torch.where((hist > 0) & (bins > b_star), bins, nb).amin(-1, keepdim=True)
     last = torch.where(after < nb, after, b_star.clamp(max=nb - 1))
+    # The last kept token is in bucket b*, so its mass is ≤ that of w = the bucket's lower edge: when
+    # that is < 2·_MARGIN, no estimate can certify the row (see decide); leave it to the exact rule.
+    w_lo = torch.bitwise_left_shift(b_star.clamp(max=nb - 1).to(torch.int32), shift).view(torch.float32)
+    top_mass = sc.prob.amax(-1, keepdim=True).double() * torch.exp(-w_lo.double())
+    heavy = top_mass >= 2 * _MARGIN * sc.mass.unsqueeze(-1)
+    last = torch.where(heavy, last, -1)  # no candidates
     rr, cc = torch.le(key, (last + offset).to(torch.int32), out=sc.mask).nonzero(as_tuple=True)
     cnt = torch.bincount(rr, minlength=r)
     pos = torch.arange(rr.numel(), device=dev) - (cnt.cumsum(0) - cnt)[rr]
@@ -301,7 +313,7 @@ def _histogram_prefix(sc: Scores, thr: float) -> tuple[Tensor, Tensor]:
     top_idx = torch.zeros(top_z.shape, dtype=torch.int64, device=dev)
     top_idx[rr, pos] = cc
     top_z, order = torch.sort(top_z, dim=-1, descending=True, stable=True)  # padding (−inf) stays last
-    return top_z, top_idx.gather(-1, order)
+    return top_z, top_idx.gather(-1, order), heavy.squeeze(-1)
 
 
 def _exact_rule(z: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
