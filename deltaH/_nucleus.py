@@ -158,7 +158,7 @@ class Nucleus:
 def nucleus(z32: Tensor, top_p: float, k0: int) -> Nucleus:
     """HF's top-p kept sets of the float32 scores ``z32 [R, V]`` (``k0``: the prefix length)."""
     out = Nucleus()
-    step = min(row_step(z32.shape[-1]), z32.shape[0])
+    step = max(1, min(row_step(z32.shape[-1]), z32.shape[0]))
     ws = Workspace(step, z32.shape[-1], torch.float32, z32.device)
     for s in range(0, z32.shape[0], step):
         out.add(decide(ws.scores(z32[s : s + step]), top_p, k0), s)

@@ -194,6 +194,7 @@ class SamplingPolicy:
         logq = torch.empty(n, dtype=cd, device=x.device)
         ent = torch.empty(n, dtype=cd, device=x.device)
         key = torch.empty(n, 2, dtype=torch.int64, device=x.device) if keyed and self.top_p < 1 else None
+        table = nucleus_key_table(v, x.device) if key is not None else None
         step = max(1, min(row_step(v), n))
         ws = Workspace(step, v, torch.float32, x.device)
         scaled = x.dtype != torch.float32 or self.temperature != 1.0
@@ -215,7 +216,7 @@ class SamplingPolicy:
                 prob, w = torch.softmax(z, dim=-1), z.amax(-1, keepdim=True) - z
                 tmp = torch.empty_like(prob)
             yc = y[s : s + step]
-            lq, en, kc = _chunk_stats(sc, z, prob, w, tmp, yc, self.top_p, self._prefix(v), keyed)
+            lq, en, kc = _chunk_stats(sc, z, prob, w, tmp, yc, self.top_p, self._prefix(v), table)
             logq[s : s + step], ent[s : s + step] = lq, en
             if key is not None and kc is not None:
                 key[s : s + step] = kc
@@ -225,11 +226,11 @@ class SamplingPolicy:
 
 def _chunk_stats(
     sc: Scores | None, z: Tensor, prob: Tensor, w: Tensor, tmp: Tensor, y: Tensor, top_p: float, k0: int,
-    keyed: bool,
+    table: Tensor | None,
 ) -> _Stats:
     """``(log q(y), H, key)`` of a chunk ``z [c, V]`` (compute dtype) without autograd, from ``prob =
     softmax(z)`` and ``w = max z − z``; ``sc`` are the float32 scores the nucleus is decided on (``None``
-    when ``p = 1``), ``tmp`` a ``[c, V]`` scratch buffer."""
+    when ``p = 1``), ``tmp`` a ``[c, V]`` scratch buffer; keys only with the key ``table``."""
     wy = w.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     log_r = prob.amax(-1).log()  # − log Σ_v e^{z_v − max z}
     if top_p >= 1.0 or sc is None:
@@ -252,7 +253,7 @@ def _chunk_stats(
         lq, en = _masked_stats(z[rows], keep, z[rows, y[rows]])
         logq[rows] = torch.where(keep.gather(-1, y[rows].unsqueeze(-1)).squeeze(-1), lq, logq[rows])
         ent[rows] = en
-    return logq, ent, _nucleus_keys(nuc, sc.z) if keyed else None
+    return logq, ent, None if table is None else _nucleus_keys(nuc, sc.z, table)
 
 
 def _cut_stats(
@@ -293,11 +294,11 @@ def nucleus_key_table(vocab: int, device: torch.device | str = "cpu") -> Tensor:
                          dtype=torch.int64).to(device)
 
 
-def _nucleus_keys(nuc: Nucleus, z32: Tensor) -> Tensor:
+def _nucleus_keys(nuc: Nucleus, z32: Tensor, table: Tensor | None = None) -> Tensor:
     """``(|S|, Σ_{v∈S} r_v)`` per row ``[R, 2]`` of the kept sets in ``nuc`` (decided on ``z32 [R, V]``;
-    no ``[R, V]`` mask for rows decided from a prefix)."""
+    no ``[R, V]`` mask for rows decided from a prefix); ``table``: :func:`nucleus_key_table`."""
     n_rows, vocab = z32.shape
-    table = nucleus_key_table(vocab, z32.device)
+    table = nucleus_key_table(vocab, z32.device) if table is None else table
     key = torch.zeros(n_rows, 2, dtype=torch.int64, device=z32.device)
     for rows, idx, n_keep in nuc.sparse:
         in_s = torch.arange(idx.shape[1], device=z32.device) < n_keep.unsqueeze(-1)
