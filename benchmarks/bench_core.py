@@ -6,7 +6,7 @@ Measured side by side in one run, reported as ratios (never asserted in tests):
     and restores it;
 (b) achieved FLOP/s of the ΔH evaluation as a fraction of this machine's matmul throughput;
 (c) peak memory of the chunked head vs full logits as T grows (each case in a fresh process);
-(d) RB top-p entropy cost vs a plain log-softmax;
+(d) RB top-p entropy cost vs a plain log-softmax (one thread; ``benchmarks.bench_topp``);
 (e) a tf_batch_size × dir_chunk sweep that recommends values.
 
 Run: ``python -m benchmarks.bench_core --out benchmarks/results/core.json`` (``--quick`` for a
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -287,36 +286,16 @@ def bench_head_memory(ts: list[int], vocab: int) -> list[dict[str, Any]]:
 
 
 def bench_entropy_cost(vocab: int, rows: int, quick: bool) -> list[dict[str, Any]]:
-    """RB entropy + log q under top-p vs a plain log-softmax, on peaked (LM-like) logits."""
-    g = torch.Generator().manual_seed(0)
-    # Zipf-like logits: log-probabilities fall with log rank, plus noise, randomly permuted.
-    ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
-    out = []
-    for alpha in (1.1, 1.5):
-        logits = -alpha * torch.log(ranks).expand(rows, -1) + 0.5 * torch.randn(rows, vocab, generator=g)
-        logits = logits[:, torch.randperm(vocab, generator=g)].contiguous()
-        tgt = torch.randint(0, vocab, (rows,), generator=g)
-        rep = 2 if quick else 5
+    """RB entropy + log q under top-p vs a plain log-softmax on peaked and flat rows, one thread,
+    medians of interleaved repeats (``benchmarks.bench_topp``, which has the details)."""
+    from benchmarks.bench_topp import measure
 
-        def ls(x: torch.Tensor = logits, y: torch.Tensor = tgt) -> torch.Tensor:
-            return torch.log_softmax(x, -1).gather(-1, y[:, None])
-
-        t_ls = timeit(ls, rep)
-        row: dict[str, Any] = {"V": vocab, "rows": rows, "zipf_alpha": alpha, "t_log_softmax_s": t_ls}
-        for p in (1.0, 0.95, 0.9):
-            pol = dh.SamplingPolicy(1.0, p)
-
-            def ts(pol: dh.SamplingPolicy = pol, x: torch.Tensor = logits, y: torch.Tensor = tgt) -> object:
-                return pol.token_stats(x, y)
-
-            t_p = timeit(ts, rep)
-            row[f"ratio_top_p_{p}"] = t_p / t_ls
-            if p < 1:
-                mask = pol.nucleus_mask(logits)
-                assert mask is not None
-                row[f"mean_nucleus_{p}"] = float(mask.sum(-1).float().mean())
-        out.append(row)
-    return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure(vocab, rows, 2 if quick else 7)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bench_sweep(kind: str, k_total: int, n: int, t_resp: int, quick: bool) -> dict[str, Any]:
@@ -372,14 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.manual_seed(0)
     q = args.quick
-    res: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        }
-    }
+    from benchmarks.bench_topp import machine
+
+    res: dict[str, Any] = {"machine": machine()}  # CPU model, ATen kernel set, threads, load average
     n, t_resp = (8, 16) if q else (16, 48)
     if "a" in args.only:
         res["a_vmap_vs_loop"] = [
@@ -394,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         res["c_head_memory"] = bench_head_memory([256, 1024] if q else [256, 1024, 2048, 4096], 151936)
         print(json.dumps(res["c_head_memory"], indent=2), flush=True)
     if "d" in args.only:
-        res["d_entropy_cost"] = bench_entropy_cost(151936, 64 if q else 256, q)
+        res["d_entropy_cost"] = bench_entropy_cost(151936, 16 if q else 128, q)
         print(json.dumps(res["d_entropy_cost"], indent=2), flush=True)
     if "e" in args.only:
         res["e_sweep"] = bench_sweep("small", 16, n, t_resp, q)

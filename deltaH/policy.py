@@ -10,11 +10,10 @@ tokens whose ascending float32 cumulative mass is ``<= 1 - p``, always keep the 
 nucleus is decided in float32 whatever the logits' dtype (what ``generate`` does); the log-prob
 and entropy math then runs in float32, or float64 for float64 logits.
 
-Fast path: a full-vocabulary sort costs ~20x a log-softmax at V = 152k, so each row first takes
-a ``topk`` prefix. A row whose nucleus ends inside the prefix, clearly away from the threshold
-(``> _MARGIN`` in cumulative mass) and with no tie at its boundary, is decided from the prefix;
-every other row (prefix too short, boundary within the margin, a tie) is decided by HF's own
-sort-and-cumsum code, so the kept set is HF's in every row.
+The kept set is decided without sorting the vocabulary (``deltaH._nucleus``: an exact top-``k``
+prefix for peaked rows, a histogram of the masses for flat ones, HF's own sort for rows too close to
+the threshold or tied at the boundary), so it is HF's in every row. Without autograd the statistics
+take one ``softmax`` per row, a few rows at a time.
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH._nucleus import Nucleus, Scores, Workspace, decide, nucleus, row_step
 from deltaH.errors import ArgumentError
 
-# Rows whose nucleus boundary lies within this cumulative mass of the threshold are decided by
-# the exact (sorting) rule. On CPU, float32 cumsum accumulates in float64, so the prefix estimate
-# differs from HF's cumsum by ~1e-7 at most; 1e-5 leaves a wide safety factor.
-_MARGIN = 1e-5
+_Stats = tuple[Tensor, Tensor, "Tensor | None"]  # (log q, H, nucleus key)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,13 +100,11 @@ class SamplingPolicy:
         shape = logits.shape
         with torch.no_grad():
             z = self.scaled32(logits).reshape(-1, shape[-1])
-            nuc = _nucleus(z, self.top_p, min(int(self.topk_prefix), shape[-1]))
-            keep = torch.zeros_like(z, dtype=torch.bool)
-            for rows, idx, n_keep in nuc.sparse:
-                in_s = torch.arange(idx.shape[1], device=z.device) < n_keep.unsqueeze(-1)
-                keep[rows.unsqueeze(-1), idx] = in_s
-            keep[nuc.dense_rows] = nuc.dense_keep
+            keep = nucleus(z, self.top_p, self._prefix(shape[-1])).mask(z)
         return keep.reshape(shape)
+
+    def _prefix(self, vocab: int) -> int:
+        return min(int(self.topk_prefix), vocab)
 
     # -- per-token statistics --------------------------------------------------------------
     def token_stats(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,7 +120,10 @@ class SamplingPolicy:
             log q(y) = z_y − logsumexp_S(z)                       (y ∈ S, else −inf)
             H        = logsumexp_S(z) − Σ_{v∈S} softmax_S(z)_v · z_v
 
-        Rows whose nucleus was decided from a ``topk`` prefix do this math on the prefix only.
+        Without autograd (no grad needed, no ``torch.func`` transform) rows are processed a few at a
+        time with one ``softmax`` each: with ``P = softmax(z)``, ``m = max z``, ``r = max P``
+        (``= 1 / Σ_v e^{z_v − m}``), ``s_S = Σ_S P`` and ``d_S = Σ_S P·(z − m)``, ``logsumexp_S(z) =
+        m + log s_S − log r`` and ``H = log s_S − log r − d_S / s_S``.
         """
         lq, ent, _ = self._stats(logits, targets, keyed=False)
         return lq, ent
@@ -141,7 +139,15 @@ class SamplingPolicy:
         """
         return self._stats(logits, targets, keyed=True)
 
-    def _stats(self, logits: Tensor, targets: Tensor, keyed: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _stats(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(logits)
+        if wrapped or (logits.requires_grad and torch.is_grad_enabled()):
+            return self._stats_autograd(logits, targets, keyed)
+        with torch.no_grad():
+            return self._stats_fast(logits, targets, keyed)
+
+    def _stats_autograd(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
+        """The differentiable twin of :meth:`_stats_fast` (plain masked log-sum-exps)."""
         cd = compute_dtype(logits.dtype)
         shape = targets.shape
         z = logits.reshape(-1, logits.shape[-1]).to(cd)
@@ -157,11 +163,11 @@ class SamplingPolicy:
             e = zs.exp()
             s = e.sum(-1)
             lse = s.log()
-            ent = lse - (e * zs).sum(-1) / s
+            ent = lse - (e * zs.clamp(min=torch.finfo(zs.dtype).min)).sum(-1) / s  # e·(−inf) = 0
             return (zs.gather(-1, y).squeeze(-1) - lse).reshape(shape), ent.reshape(shape), None
         with torch.no_grad():
-            z32 = z.detach() if cd == torch.float32 and self.temperature == 1.0 else self.scaled32(logits)
-            nuc = _nucleus(z32.reshape(-1, z.shape[-1]), self.top_p, min(int(self.topk_prefix), z.shape[-1]))
+            z32 = z.detach() if cd == torch.float32 else self.scaled32(logits).reshape(z.shape)
+            nuc = nucleus(z32, self.top_p, self._prefix(z.shape[-1]))
         ninf = torch.full_like(zy, float("-inf"))
         logq, ent = ninf, torch.zeros_like(zy)
         for rows, idx, n_keep in nuc.sparse:
@@ -171,14 +177,103 @@ class SamplingPolicy:
             inside = ((idx == y[rows]) & in_s).any(-1)
             logq = logq.index_copy(0, rows, torch.where(inside, lq, ninf[rows]))
             ent = ent.index_copy(0, rows, en)
-        if nuc.dense_rows.numel():
-            rows, keep = nuc.dense_rows, nuc.dense_keep
+        dense = [(r, z32[r] >= c.unsqueeze(-1)) for r, c in zip(nuc.cut_rows, nuc.cut, strict=True)]
+        for rows, keep in dense + list(zip(nuc.dense_rows, nuc.dense_keep, strict=True)):
             lq, en = _masked_stats(z[rows], keep, zy[rows])
             inside = keep.gather(-1, y[rows]).squeeze(-1)
             logq = logq.index_copy(0, rows, torch.where(inside, lq, ninf[rows]))
             ent = ent.index_copy(0, rows, en)
-        key = _nucleus_keys(nuc, z.shape[0], z.shape[-1], z.device).reshape(*shape, 2) if keyed else None
+        key = _nucleus_keys(nuc, z32).reshape(*shape, 2) if keyed else None
         return logq.reshape(shape), ent.reshape(shape), key
+
+    def _stats_fast(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
+        """:meth:`token_stats` without autograd, a few rows at a time (see the docstring there)."""
+        cd, v = compute_dtype(logits.dtype), logits.shape[-1]
+        x, y = logits.reshape(-1, v), targets.reshape(-1)
+        n = x.shape[0]
+        logq = torch.empty(n, dtype=cd, device=x.device)
+        ent = torch.empty(n, dtype=cd, device=x.device)
+        key = torch.empty(n, 2, dtype=torch.int64, device=x.device) if keyed and self.top_p < 1 else None
+        table = nucleus_key_table(v, x.device) if key is not None else None
+        step = max(1, min(row_step(v), n))
+        ws = Workspace(step, v, torch.float32, x.device)
+        scaled = x.dtype != torch.float32 or self.temperature != 1.0
+        z32_buf = torch.empty(step, v, device=x.device) if scaled else None
+        for s in range(0, n, step):
+            xc = x[s : s + step]
+            z32 = xc
+            if z32_buf is not None:  # HF's scores: logits.float() / τ
+                z32 = z32_buf[: xc.shape[0]].copy_(xc)
+                if self.temperature != 1.0:
+                    z32.div_(self.temperature)
+            sc: Scores | None
+            if cd == torch.float32:
+                sc = ws.scores(z32, with_mass=self.top_p < 1)
+                z, prob, w, tmp = z32, sc.prob, sc.w, ws.tmp[: xc.shape[0]]
+            else:
+                sc = ws.scores(z32) if self.top_p < 1 else None
+                z = xc.to(cd) / self.temperature
+                prob, w = torch.softmax(z, dim=-1), z.amax(-1, keepdim=True) - z
+                tmp = torch.empty_like(prob)
+            yc = y[s : s + step]
+            lq, en, kc = _chunk_stats(sc, z, prob, w, tmp, yc, self.top_p, self._prefix(v), table)
+            logq[s : s + step], ent[s : s + step] = lq, en
+            if key is not None and kc is not None:
+                key[s : s + step] = kc
+        shape = targets.shape
+        return logq.reshape(shape), ent.reshape(shape), None if key is None else key.reshape(*shape, 2)
+
+
+def _chunk_stats(
+    sc: Scores | None, z: Tensor, prob: Tensor, w: Tensor, tmp: Tensor, y: Tensor, top_p: float, k0: int,
+    table: Tensor | None,
+) -> _Stats:
+    """``(log q(y), H, key)`` of a chunk ``z [c, V]`` (compute dtype) without autograd, from ``prob =
+    softmax(z)`` and ``w = max z − z``; ``sc`` are the float32 scores the nucleus is decided on (``None``
+    when ``p = 1``), ``tmp`` a ``[c, V]`` scratch buffer; keys only with the key ``table``."""
+    wy = w.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    log_r = prob.amax(-1).log()  # − log Σ_v e^{z_v − max z}
+    if top_p >= 1.0 or sc is None:
+        s = prob.sum(-1)
+        lse = s.log() - log_r  # logsumexp(z) − max z
+        return -wy - lse, lse + torch.mul(prob, w, out=tmp).nansum(-1) / s, None  # 0·inf (z = −inf): 0
+    nuc = decide(sc, top_p, k0)
+    logq = torch.full_like(wy, float("-inf"))
+    ent = torch.empty_like(wy)
+    for rows, idx, n_keep in nuc.sparse:
+        in_s = torch.arange(idx.shape[1], device=z.device) < n_keep.unsqueeze(-1)
+        lq, en = _masked_stats(z[rows.unsqueeze(-1), idx], in_s, z[rows, y[rows]])
+        inside = ((idx == y[rows].unsqueeze(-1)) & in_s).any(-1)
+        logq[rows] = torch.where(inside, lq, logq[rows])
+        ent[rows] = en
+    if nuc.cut_rows:
+        rows = torch.cat(nuc.cut_rows)
+        logq[rows], ent[rows] = _cut_stats(prob, w, tmp, sc.z, y, log_r, rows, torch.cat(nuc.cut))
+    for rows, keep in zip(nuc.dense_rows, nuc.dense_keep, strict=True):
+        lq, en = _masked_stats(z[rows], keep, z[rows, y[rows]])
+        logq[rows] = torch.where(keep.gather(-1, y[rows].unsqueeze(-1)).squeeze(-1), lq, logq[rows])
+        ent[rows] = en
+    return logq, ent, None if table is None else _nucleus_keys(nuc, sc.z, table)
+
+
+def _cut_stats(
+    prob: Tensor, w: Tensor, tmp: Tensor, z32: Tensor, y: Tensor, log_r: Tensor, rows: Tensor, cut: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(log q(y), H)`` of ``rows`` whose kept set is ``{z32 ≥ cut}``, from ``prob = softmax(z)``,
+    ``w = max z − z`` and ``log_r = log max prob`` of the whole chunk (``[c, V]`` / ``[c]``)."""
+    if 2 * rows.numel() < prob.shape[0]:  # a few rows: copy them out
+        prob, w, z32, y, log_r = prob[rows], w[rows], z32[rows], y[rows], log_r[rows]
+        tmp, full = tmp[: rows.numel()], cut
+    else:  # most rows: mask the whole chunk (+inf keeps nothing in the other rows)
+        full = torch.full_like(log_r, float("inf"), dtype=z32.dtype)
+        full[rows] = cut
+    pk = torch.ge(z32, full.unsqueeze(-1), out=tmp).mul_(prob)  # prob on S, 0 elsewhere
+    s = pk.sum(-1)
+    lse = s.log() - log_r  # logsumexp_S(z) − max z
+    inside = z32.gather(-1, y.unsqueeze(-1)).squeeze(-1) >= full
+    lq = torch.where(inside, -w.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse, float("-inf"))
+    en = lse + pk.mul_(w).nansum(-1) / s  # 0·inf (z = −inf) counts as 0
+    return (lq, en) if full is cut else (lq[rows], en[rows])
 
 
 def _masked_stats(z: Tensor, keep: Tensor, zy: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,72 +287,6 @@ def _masked_stats(z: Tensor, keep: Tensor, zy: Tensor) -> tuple[Tensor, Tensor]:
     return zy - zmax.squeeze(-1) - lse, ent
 
 
-def hf_top_p_keep(z32: Tensor, top_p: float) -> Tensor:
-    """HF's ``TopPLogitsWarper`` rule (min_tokens_to_keep=1) on float32 scores ``[R, V]``."""
-    sorted_z, sorted_idx = torch.sort(z32, descending=False)
-    cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[..., -1:] = False
-    return ~remove.scatter(1, sorted_idx, remove)
-
-
-@dataclass
-class _Nucleus:
-    """Kept sets of ``R`` rows: ``sparse`` groups ``(rows [r], idx [r, k], n_keep [r])`` keep the
-    first ``n_keep`` of their top-``k`` indices; ``dense_rows`` have a full mask ``dense_keep``."""
-
-    sparse: list[tuple[Tensor, Tensor, Tensor]]
-    dense_rows: Tensor
-    dense_keep: Tensor
-
-
-def _nucleus(z32: Tensor, top_p: float, k0: int) -> _Nucleus:
-    """HF's top-p kept sets of ``z32 [R, V]``, from ``topk`` prefixes where that is safe.
-
-    Prefix lengths grow ``k0, 16·k0, 256·k0`` for rows whose nucleus is longer than the prefix;
-    rows still undecided (or too close to the threshold, or tied at the boundary) take HF's sort.
-    """
-    v = z32.shape[-1]
-    # HF compares the float32 cumsum with the Python float (1 - p), which torch rounds to float32.
-    thr = float(torch.tensor(1 - top_p, dtype=torch.float32))
-    lse = torch.logsumexp(z32, dim=-1).double()
-    todo = torch.arange(z32.shape[0], device=z32.device)
-    sparse = []
-    k = k0
-    while todo.numel() and k < v:
-        rows_z = z32 if todo.numel() == z32.shape[0] else z32[todo]  # avoid copying every row
-        top_z, top_idx = torch.topk(rows_z, k, dim=-1)  # descending
-        n_keep, decided = _prefix_rule(top_z, lse[todo], thr)
-        if bool(decided.any()):
-            sparse.append((todo[decided], top_idx[decided], n_keep[decided]))
-        todo = todo[~decided]
-        k = 16 * k if 16 * k < v // 2 else v
-    dense = hf_top_p_keep(z32[todo], top_p) if todo.numel() else z32.new_zeros((0, v), dtype=torch.bool)
-    return _Nucleus(sparse=sparse, dense_rows=todo, dense_keep=dense)
-
-
-def _prefix_rule(top_z: Tensor, lse: Tensor, thr: float) -> tuple[Tensor, Tensor]:
-    """Decide each row's nucleus from its top-``k`` prefix ``top_z [R, k]``: ``(n_keep, decided)``.
-
-    A row is decided when its nucleus ends inside the prefix, the prefix positions next to the
-    boundary are more than ``_MARGIN`` from the threshold, and the boundary is not a tie; the
-    kept set is then the first ``n_keep`` tokens of the prefix.
-    """
-    k = top_z.shape[-1]
-    top_prob = torch.exp(top_z.double() - lse.unsqueeze(-1))
-    # Ascending cumulative mass at the j-th largest token = 1 − mass strictly above it.
-    asc = 1.0 - (torch.cumsum(top_prob, dim=-1) - top_prob)  # [R, k]
-    kept = asc > thr
-    kept[:, 0] = True
-    n_keep = kept.sum(-1)  # kept is a prefix: asc decreases along j
-    last = top_z.gather(-1, (n_keep - 1).unsqueeze(-1)).squeeze(-1)
-    nxt = top_z.gather(-1, n_keep.clamp(max=k - 1).unsqueeze(-1)).squeeze(-1)
-    decided = ~kept[:, -1]  # the nucleus ends inside the prefix
-    decided &= ~((asc - thr).abs() < _MARGIN).any(-1)  # clearly away from the threshold
-    decided &= last != nxt  # no tie at the boundary (HF's sort order would decide it)
-    return n_keep, decided
-
-
 def nucleus_key_table(vocab: int, device: torch.device | str = "cpu") -> Tensor:
     """The fixed integers ``r_v ∈ [0, 2^63 // V)`` ``[V]`` int64 of the nucleus key (seeded, device-free)."""
     g = torch.Generator().manual_seed(0x5EED_D1A)
@@ -265,17 +294,18 @@ def nucleus_key_table(vocab: int, device: torch.device | str = "cpu") -> Tensor:
                          dtype=torch.int64).to(device)
 
 
-def _nucleus_keys(nuc: _Nucleus, n_rows: int, vocab: int, device: torch.device) -> Tensor:
-    """``(|S|, Σ_{v∈S} r_v)`` per row ``[R, 2]`` of the kept sets in ``nuc`` (no ``[R, V]`` mask for
-    rows decided from a prefix)."""
-    table = nucleus_key_table(vocab, device)
-    key = torch.zeros(n_rows, 2, dtype=torch.int64, device=device)
+def _nucleus_keys(nuc: Nucleus, z32: Tensor, table: Tensor | None = None) -> Tensor:
+    """``(|S|, Σ_{v∈S} r_v)`` per row ``[R, 2]`` of the kept sets in ``nuc`` (decided on ``z32 [R, V]``;
+    no ``[R, V]`` mask for rows decided from a prefix); ``table``: :func:`nucleus_key_table`."""
+    n_rows, vocab = z32.shape
+    table = nucleus_key_table(vocab, z32.device) if table is None else table
+    key = torch.zeros(n_rows, 2, dtype=torch.int64, device=z32.device)
     for rows, idx, n_keep in nuc.sparse:
-        in_s = torch.arange(idx.shape[1], device=device) < n_keep.unsqueeze(-1)
+        in_s = torch.arange(idx.shape[1], device=z32.device) < n_keep.unsqueeze(-1)
         total = torch.where(in_s, table[idx], torch.zeros_like(idx)).sum(-1)
         key[rows] = torch.stack([n_keep.to(torch.int64), total], dim=-1)
-    if nuc.dense_rows.numel():
-        keep = nuc.dense_keep
+    masks = [(r, z32[r] >= c.unsqueeze(-1)) for r, c in zip(nuc.cut_rows, nuc.cut, strict=True)]
+    for rows, keep in masks + list(zip(nuc.dense_rows, nuc.dense_keep, strict=True)):
         total = torch.where(keep, table, torch.zeros_like(table)).sum(-1)
-        key[nuc.dense_rows] = torch.stack([keep.sum(-1).to(torch.int64), total], dim=-1)
+        key[rows] = torch.stack([keep.sum(-1).to(torch.int64), total], dim=-1)
     return key

@@ -146,6 +146,167 @@ def test_nucleus_near_tie_equal_probs_different_logits() -> None:
     assert not failures, f"(p, τ, prefix, row) differing from HF: {failures}"
 
 
+# -- the sort-free selection (deltaH._nucleus) at LLM vocabulary sizes --------------------------------
+
+_V_LLM = 151936  # Qwen2's vocabulary
+
+
+def _llm_rows(v: int, g: torch.Generator) -> torch.Tensor:
+    """Rows of every kind the selection routes differently, at vocabulary ``v``: Zipf-like rows
+    (log-prob falling with log rank, plus noise, randomly permuted) from peaked (α = 2.5: nuclei of a
+    few tokens) to flat (α = 0.8: nuclei of tens of thousands), Gaussian rows around +20 (LLM logits),
+    bf16-rounded rows (exact ties everywhere), rows with −inf entries, rows with a tied top, and
+    plateaus (hundreds to thousands of heavy tokens above a light tail: long nuclei, heavy boundary)."""
+    ranks = torch.arange(1, v + 1, dtype=torch.float32)
+    out = [(-a * ranks.log() + 0.5 * torch.randn(v, generator=g))[torch.randperm(v, generator=g)]
+           for a in (0.8, 1.1, 1.5, 2.5)]
+    out.append(20.0 + 3.0 * torch.randn(v, generator=g))
+    out.append((4.0 * torch.randn(v, generator=g)).bfloat16().float())
+    x = (-1.5 * ranks.log())[torch.randperm(v, generator=g)]
+    x[torch.randperm(v, generator=g)[: v // 3]] = float("-inf")
+    out.append(x)
+    x = (-2.0 * ranks.log())[torch.randperm(v, generator=g)]
+    x[torch.randperm(v, generator=g)[:3]] = x.max()
+    out.append(x)
+    for n_top in (min(700, v // 3), v // 50):  # plateaus: nuclei of hundreds to thousands of tokens
+        x = -12.0 + torch.randn(v, generator=g)
+        x[torch.randperm(v, generator=g)[:n_top]] = 0.5 * torch.randn(n_top, generator=g)
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("v", [50257, _V_LLM])
+def test_nucleus_matches_hf_at_llm_vocabularies(v: int) -> None:
+    """Peaked rows end in the top-k prefix, longer nuclei in the histogram, flat rows (boundary
+    tokens lighter than the margin) and ties in HF's own arithmetic: every kept set is HF's."""
+    g = torch.Generator().manual_seed(v)
+    logits = _llm_rows(v, g)
+    for p in (0.5, 0.9, 0.95, 0.999):
+        for tau in (0.7, 1.0):
+            want = hf_keep(logits, tau, p)
+            got = SamplingPolicy(tau, p).nucleus_mask(logits)
+            bad = (got != want).any(-1).nonzero().flatten().tolist()
+            assert not bad, f"V={v} p={p} τ={tau}: rows {bad} differ from HF"
+
+
+def _hf_cumsum(z32: torch.Tensor) -> torch.Tensor:
+    """HF's ascending float32 cumulative mass of scores ``[R, V]`` (TopPLogitsWarper's arithmetic)."""
+    return torch.sort(z32, descending=False).values.softmax(-1).cumsum(-1)
+
+
+@pytest.mark.parametrize("v", [7, 300, 4096, _V_LLM])
+def test_nucleus_when_the_mass_lands_exactly_on_the_threshold(v: int) -> None:
+    """``p = 1 − c`` with ``c`` one of HF's own float32 cumulative masses makes ``1 − p == c``
+    exactly, so HF drops that token (``cum ≤ 1 − p``); one float32 ulp below ``c`` it keeps it. Also
+    one ulp above. These rows sit inside the margin: they exercise the exact rule (and HF's code for
+    ties)."""
+    g = torch.Generator().manual_seed(v + 1)
+    logits = torch.cat([_llm_rows(v, g)[:5], torch.randn(3, v, generator=g)]) if v > 64 else \
+        torch.randn(8, v, generator=g)
+    cum = _hf_cumsum(logits)
+    failures, on_threshold = [], 0
+    for row in range(logits.shape[0]):
+        finite = cum[row][torch.isfinite(cum[row]) & (cum[row] > 0) & (cum[row] < 1)]
+        picks = finite[torch.linspace(0, finite.numel() - 1, 3).long()] if finite.numel() else finite
+        for c in picks.tolist():
+            for c32 in (c, float(torch.nextafter(torch.tensor(c), torch.tensor(2.0))),
+                        float(torch.nextafter(torch.tensor(c), torch.tensor(-1.0)))):
+                p = 1.0 - c32
+                if not (0 < p < 1 and float(torch.tensor(1 - p, dtype=torch.float32)) == c32):
+                    continue  # 1 − (1 − c) is not c in double for c below ~2^-29
+                on_threshold += c32 == c
+                x = logits[row : row + 1]
+                if not torch.equal(SamplingPolicy(1.0, p).nucleus_mask(x), hf_keep(x, 1.0, p)):
+                    failures.append((row, p))
+    assert not failures, f"(row, p) differing from HF: {failures[:5]}"
+    assert on_threshold >= logits.shape[0]  # the test has power: many cases land exactly on 1 − p
+
+
+@pytest.mark.parametrize("v", [33, 1000, 50257])
+def test_each_rule_alone_matches_hf(v: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row through one rule: the exact rule alone (a margin of 1 certifies nothing), and the
+    histogram alone (a one-token prefix decides only one-token nuclei). Both must equal HF."""
+    from deltaH import _nucleus
+
+    g = torch.Generator().manual_seed(v + 2)
+    logits = torch.cat([_rows(v, 3, g), _llm_rows(v, g)]) if v >= 1000 else _rows(v, 3, g)
+    for p, tau in ((0.3, 1.0), (0.9, 0.7), (0.95, 1.3)):
+        want = hf_keep(logits, tau, p)
+        assert torch.equal(SamplingPolicy(tau, p, topk_prefix=1).nucleus_mask(logits), want)
+        with monkeypatch.context() as m:
+            m.setattr(_nucleus, "_MARGIN", 1.0)
+            assert torch.equal(SamplingPolicy(tau, p).nucleus_mask(logits), want)
+
+
+def test_group_topk_equals_torch_topk() -> None:
+    """The top-k from group maxima returns torch.topk's values (indices may differ only among ties)."""
+    from deltaH._nucleus import topk
+
+    g = torch.Generator().manual_seed(9)
+    for v in (1000, 4099, 65536):
+        z = torch.cat([torch.randn(4, v, generator=g), torch.randint(-3, 4, (4, v), generator=g).float(),
+                       _llm_rows(v, g)])
+        for k in (1, 7, 16, 64):
+            vals, idx = topk(z, k)
+            want = torch.topk(z, k).values
+            assert torch.equal(vals, want) and torch.equal(z.gather(-1, idx), vals), (v, k)
+            rows = torch.tensor([1, 5, 9])
+            r_vals, r_idx = topk(z, k, rows)
+            assert torch.equal(r_vals, want[rows]) and torch.equal(z[rows].gather(-1, r_idx), r_vals)
+
+
+def test_fast_stats_equal_their_autograd_twin() -> None:
+    """token_stats without autograd (one softmax per row, chunked) equals the differentiable path
+    (masked log-sum-exps) to float32 round-off, with the same keys, on rows of every kind."""
+    g = torch.Generator().manual_seed(10)
+    logits = torch.cat([_llm_rows(4096, g), _rows(4096, 2, g)])
+    targets = torch.randint(0, 4096, (logits.shape[0],), generator=g)
+    targets[0] = logits[0].argmax()
+    for p, tau in ((1.0, 1.0), (0.9, 0.7), (0.95, 1.0), (0.5, 1.3)):
+        pol = SamplingPolicy(tau, p)
+        lq, en, key = pol.token_stats_keyed(logits, targets)
+        lq_g, en_g, key_g = pol.token_stats_keyed(logits.clone().requires_grad_(True), targets)
+        assert (key is None) == (p == 1.0) and (key is None or torch.equal(key, key_g))
+        assert torch.equal(torch.isneginf(lq), torch.isneginf(lq_g))
+        fin = torch.isfinite(lq)
+        z = logits / tau
+        assert_rows_close(lq[fin], lq_g.detach()[fin], z[fin], torch.float32)
+        assert_rows_close(en, en_g.detach(), z, torch.float32)
+
+
+def test_entropy_with_minus_inf_logits_is_finite() -> None:
+    """Logits masked to −inf (banned tokens) contribute 0 to H and log q, also at p = 1 (0·inf)."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 500, generator=g, dtype=torch.float64)
+    logits[:, ::4] = float("-inf")
+    targets = torch.full((6,), 1)
+    for p in (1.0, 0.9):
+        want_lq, want_h = ref_token_stats(logits, targets, 1.0, p)
+        for x in (logits, logits.float(), logits.clone().requires_grad_(True)):
+            lq, ent = SamplingPolicy(1.0, p).token_stats(x, targets)
+            assert torch.isfinite(ent).all()
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            assert_rows_close(ent.detach(), want_h, logits, dtype)
+            fin = torch.isfinite(want_lq)
+            assert_rows_close(lq.detach()[fin], want_lq[fin], logits[fin], dtype)
+
+
+_seed_rows = st.tuples(st.integers(0, 2**31 - 1), st.sampled_from([300, 5000, 20000]),
+                       st.floats(0.6, 3.0), st.floats(0.0, 2.0))
+
+
+@given(spec=_seed_rows, p=st.floats(0.05, 0.999), tau=st.floats(0.3, 2.0))
+def test_property_nucleus_equals_hf_on_zipf_rows(spec: tuple[int, int, float, float], p: float,
+                                                 tau: float) -> None:
+    """Continuous rows (no grid, no ties by construction): Zipf exponent α, noise scale σ, V."""
+    seed, v, alpha, sigma = spec
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, v + 1, dtype=torch.float32)
+    logits = torch.stack([(-alpha * ranks.log() + sigma * torch.randn(v, generator=g))[
+        torch.randperm(v, generator=g)] for _ in range(3)])
+    assert torch.equal(SamplingPolicy(tau, p).nucleus_mask(logits), hf_keep(logits, tau, p))
+
+
 def test_top_p_one_keeps_everything_and_is_log_softmax() -> None:
     g = torch.Generator().manual_seed(4)
     logits = torch.cat([s * torch.randn(20, 300, generator=g, dtype=torch.float64) for s in (0.1, 3.0, 40.0)])
