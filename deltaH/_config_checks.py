@@ -218,6 +218,14 @@ def _reference(v: Any) -> str | float:
     return float(v)
 
 
+def _dir_chunk(v: Any) -> str | int:
+    if v == "auto":
+        return "auto"
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise _Invalid
+    return int(v)
+
+
 def _opt(default: Any, help: str, check: _Check) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 

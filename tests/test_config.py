@@ -83,7 +83,7 @@ def test_qwen_example_validates() -> None:
     assert (cfg.eval_batch.total_sequences, cfg.eval_batch.group_size) == (512, 8)
     assert (cfg.update_batch.n_prompts, cfg.update_batch.group_size) == (16, 8)
     assert (cfg.loss.type, cfg.loss.grad_accum_steps) == ("dapo", 4)
-    assert (cfg.compute.tf_batch_size, cfg.compute.dir_chunk) == (8, 4)
+    assert (cfg.compute.tf_batch_size, cfg.compute.dir_chunk) == (8, "auto")
     assert "\\boxed{}" in (cfg.data.system_prompt or "")
 
 
@@ -245,6 +245,9 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [  # (YAML, key path in the message, v
     ("checkpoint: {base_model: ''}", "checkpoint.base_model", "''"),
     ("compute: {tf_batch_size: 0}", "compute.tf_batch_size", "0"),
     ("compute: {dir_chunk: 2.5}", "compute.dir_chunk", "2.5"),
+    ("compute: {dir_chunk: 0}", "compute.dir_chunk", "0"),
+    ("compute: {dir_chunk: fast}", "compute.dir_chunk", "'fast'"),
+    ("compute: {dir_chunk: true}", "compute.dir_chunk", "true"),
     ("compute: {head_chunk: 0}", "compute.head_chunk", "0"),
     ("seed: -1", "seed", "-1"),
     ("seed: 1.5", "seed", "1.5"),

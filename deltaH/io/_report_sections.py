@@ -21,7 +21,7 @@ from deltaH.io._report_common import (
     uses_top_p,
     verdict,
 )
-from deltaH.io.schema import Decomposition, RunSummary, missing
+from deltaH.io.schema import ComputeInfo, Decomposition, RunSummary, missing
 
 
 def headline(summary: RunSummary, ref: Ref) -> list[str]:
@@ -116,7 +116,19 @@ def setup(summary: RunSummary) -> list[str]:
     if eta is not None and eta.size:
         out.append(f"- **η grid:** {eta.size} values from {show(np.nanmin(eta))} to {show(np.nanmax(eta))}; "
                    f"reference η_ref = {show(summary.eta_reference)}{_eta_source(summary)}.")
+    if summary.compute is not None:
+        out.append(_compute_line(summary.compute))
     return out + [""]
+
+
+def _compute_line(c: ComputeInfo) -> str:
+    """The dir_chunk used; for ``auto`` the timing of each candidate (a timing line: compare skips it)."""
+    what = "a plain loop over directions" if c.dir_chunk == 1 else f"{c.dir_chunk} directions per vmap call"
+    if c.dir_chunk_source != "calibrated" or not c.candidates:
+        return f"- **Compute:** dir_chunk {c.dir_chunk} ({what}), as configured."
+    times = ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in zip(c.candidates, c.seconds, strict=False))
+    return (f"- **Compute:** dir_chunk {c.dir_chunk} ({what}), calibrated (auto): median seconds of one "
+            f"true-ΔH evaluation of {c.n_sequences} sequences along {c.k} directions, by chunk: {times}.")
 
 
 ETA_SOURCE_WORDS = {

@@ -1,7 +1,8 @@
 """Compare two results folders: the "no change in results" check of a refactor.
 
 ``python -m deltaH.io.compare OLD NEW`` exits 0 when ``summary.json`` agrees exactly (ignoring the
-keys that describe the run rather than its results: timings, dates, revision, versions), every
+keys that describe the run rather than its results: timings, dates, revision, versions, and
+``compute``: the dir_chunk used and its calibration timings), every
 array in ``arrays/`` is bit-equal, ``batches/*.jsonl`` are equal and ``report.md`` agrees but for
 its timing lines. Otherwise it lists each difference and exits 1. Typical use: run
 ``deltah run configs/toy.yaml --out OLD`` at one commit and ``--out NEW`` at another.
@@ -20,7 +21,7 @@ import numpy as np
 
 from deltaH.io.results import ResultsDir
 
-IGNORED = ("timings", "created", "git_revision", "versions", "deltah_version")
+IGNORED = ("timings", "created", "git_revision", "versions", "deltah_version", "compute")
 
 
 def _diff(a: Any, b: Any, path: str, out: list[str], ignore: Sequence[str]) -> None:
@@ -48,7 +49,8 @@ def _report_lines(path: Path) -> list[str]:
     if not path.is_file():
         return []
     # Timing lines and the creation date describe the run, not its results.
-    drop = re.compile(r"(\b\d+(\.\d+)? ?s\b|seconds|took|created|revision|timing)", re.I)
+    # So does the setup's compute line (the dir_chunk used: speed, never results).
+    drop = re.compile(r"(\b\d+(\.\d+)? ?s\b|seconds|took|created|revision|timing|\*\*Compute:\*\*)", re.I)
     return [ln for ln in path.read_text().splitlines() if not drop.search(ln)]
 
 

@@ -411,6 +411,19 @@ class ControlsInfo:
 
 
 @dataclass(frozen=True)
+class ComputeInfo:
+    dir_chunk: int = _f("directions per vmap call the estimators used (1: a plain loop, no vmap)")
+    dir_chunk_source: str = _f("config (compute.dir_chunk is an integer) | calibrated (compute.dir_chunk is "
+                               "auto: the fastest candidate below, timed on this machine and model)")
+    candidates: list[int] = _f("the chunk sizes timed: 1, 2, 4, 8, 16 capped at K ([] when not calibrated)")
+    seconds: list[float] = _f("median seconds of one true-ΔH evaluation per candidate [len(candidates)]; "
+                              "they vary from run to run, the choice is kept for --resume")
+    k: int = _f("directions in the timed evaluation (the four decompositions); 0: not calibrated")
+    n_sequences: int = _f("sequences of E in the timed evaluation (one teacher-forcing chunk)")
+    repeats: int = _f("timed calls per candidate after one warm-up")
+
+
+@dataclass(frozen=True)
 class RunSummary:
     deltah_version: str = _f("deltaH version that wrote the folder")
     created: str = _f("local time the summary was written (ISO 8601)")
@@ -453,6 +466,8 @@ class RunSummary:
                                      "analyses.token_influence off)", None)
     controls: ControlsInfo | None = _f("the coefficients that put δH₁ at a target, measured (null: "
                                        "analyses.controls off)", None)
+    compute: ComputeInfo | None = _f("how the estimators were chunked: the dir_chunk used and, for "
+                                     "compute.dir_chunk auto, its calibration (null: not recorded)", None)
 
     def to_json(self) -> dict[str, Any]:
         """The plain JSON layout of ``summary.json`` (NaN and inf as ``null``)."""

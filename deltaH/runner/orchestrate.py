@@ -50,6 +50,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("loss", "checkpoint.max_grad_norm", "checkpoint.optimizer", "eta.reference"),
         ("batches",),
     ),
+    # the choice is timed once and kept, so a resumed run uses it; compute.* keys are free on resume
+    "dir_chunk": (("compute", "analyses.entropy_mode"), ("directions",)),
     "first_order": (("analyses.entropy_mode",), ("directions", "theta_stats")),
     "eta_grid": (("eta",), ("first_order",)),
     "true_sweep": ((), ("eta_grid",)),
@@ -250,6 +252,9 @@ def analyse_checkpoint(
     bt = stage("batches", lambda: st.build_batches(cfg, inp), where="main").to(inp.lm.device)
     base = stage("theta_stats", lambda: st.theta_stats(cfg, inp, bt))
     dr = stage("directions", lambda: st.directions(cfg, inp, bt))
+    # rank 0 times it with collectives off; every rank uses its choice
+    chunk = stage("dir_chunk", lambda: on_main(st.dir_chunk, cfg, inp, bt, dr), where="main")
+    inp = dataclasses.replace(inp, dir_chunk=chunk.value)
     fo = stage("first_order", lambda: st.first_order(cfg, inp, bt, dr, base))
     # rank 0's grid for every rank: the number of η values sets the number of collectives that follow
     grid = distributed.broadcast(stage("eta_grid", lambda: st.eta_grid(cfg, inp, bt, dr, base, fo)))
@@ -278,7 +283,7 @@ def analyse_checkpoint(
         distributed.after_main()
         return None
 
-    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real, ctl)
+    summary = summarise(cfg, inp, bt, dr, fo, grid, sw, so, inf, kern, px, timings, att, real, ctl, chunk)
     if tok is not None:
         summary = dataclasses.replace(summary, proxies=ts.proxies_summary(inp, bt, dr, tok, pxs))
     write_batches(rd, cfg, bt, base, diag, att, lambda rows: ts.token_rows(rows, bt, dr, tok, pxs))

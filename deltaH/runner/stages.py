@@ -37,6 +37,7 @@ from deltaH.functional import FunctionalLM
 from deltaH.io.progress import progress_bar
 from deltaH.policy import SamplingPolicy
 from deltaH.runner import shard
+from deltaH.runner.calibrate import DirChunk, calibrate_dir_chunk
 from deltaH.runner.recorded import UpdateSource, recorded_update_batch
 from deltaH.sampling.builders import EvalBatch, UpdateBatch
 from deltaH.stats import SequenceStats, TokenDiagnostics, token_diagnostics
@@ -84,6 +85,8 @@ class Inputs:
     seeds: Seeds
     quiet: bool
     source: UpdateSource = UpdateSource("sampled", None, None, None, "update_batch.source is sample", None)
+    #: the ``dir_chunk`` stage's choice (``compute.dir_chunk: auto`` calibrated); None: not yet run
+    dir_chunk: int | None = None
 
     @property
     def compute_dtype(self) -> str:
@@ -91,13 +94,19 @@ class Inputs:
         return str(self.lm.compute_dtype).removeprefix("torch.")
 
     def kw(self, cfg: Config) -> dict[str, Any]:
-        """Keyword arguments shared by the ΔH estimators."""
+        """Keyword arguments shared by the ΔH estimators. ``dir_chunk`` is the calibrated one once the
+        ``dir_chunk`` stage has run; before that, ``auto`` is 1 (the plain loop)."""
+        chunk = cfg.compute.dir_chunk
+        if self.dir_chunk is not None:
+            chunk = self.dir_chunk
+        elif chunk == "auto":
+            chunk = 1
         return {
             "lm": self.lm,
             "policy": self.policy,
             "tf_batch_size": cfg.compute.tf_batch_size,
             "head_chunk": cfg.compute.head_chunk,
-            "dir_chunk": cfg.compute.dir_chunk,
+            "dir_chunk": chunk,
             "entropy_mode": cfg.analyses.entropy_mode,
         }
 
@@ -407,6 +416,24 @@ def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
     if dr.eta_warning is not None:
         log.warning("%s", dr.eta_warning)
     return dr
+
+
+def dir_chunk(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> DirChunk:
+    """``compute.dir_chunk`` as given, or (``auto``) timed on one teacher-forcing chunk of this rank's
+    E along the four decompositions at η_ref (:mod:`deltaH.runner.calibrate`)."""
+    if cfg.compute.dir_chunk != "auto":
+        return DirChunk(int(cfg.compute.dir_chunk), "config")
+    return calibrate_dir_chunk(
+        inp.params,
+        dr.stacked,
+        bt.eval.batch,
+        lm=inp.lm,
+        policy=inp.policy,
+        eta=dr.eta_ref,
+        tf_batch_size=cfg.compute.tf_batch_size,
+        head_chunk=cfg.compute.head_chunk,
+        entropy_mode=cfg.analyses.entropy_mode,
+    )
 
 
 def first_order(cfg: Config, inp: Inputs, bt: Batches, dr: Directions, base: SequenceStats) -> FirstOrder:

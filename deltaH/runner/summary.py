@@ -22,6 +22,7 @@ from deltaH.estimators.kernel import kernel_summary
 from deltaH.io import schema as sc
 from deltaH.io._report_kernel import kernel_warnings
 from deltaH.io.results import to_jsonable
+from deltaH.runner.calibrate import DirChunk
 from deltaH.runner.controls import MEASURED, ControlsRun
 from deltaH.runner.stages import (
     Attributed,
@@ -346,6 +347,7 @@ def summarise(
     att: Attributed | None = None,
     real: Realised | None = None,
     ctl: ControlsRun | None = None,
+    chunk: DirChunk | None = None,
 ) -> sc.RunSummary:
     """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
     etas = grid.etas
@@ -384,4 +386,11 @@ def summarise(
         replay=replay_summary(inp, dr, real),
         warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real) + kernel_warnings(kernel),
         controls=None if ctl is None else controls_info(ctl, trust["trusted"][ref_index(etas, dr.eta_ref)]),
+        compute=None if chunk is None else compute_info(chunk),
     )
+
+
+def compute_info(chunk: DirChunk) -> sc.ComputeInfo:
+    """The typed ``compute`` section: the dir_chunk used and its calibration."""
+    return sc.ComputeInfo(chunk.value, chunk.source, list(chunk.candidates), list(chunk.seconds), chunk.k,
+                          chunk.n_sequences, chunk.repeats)
