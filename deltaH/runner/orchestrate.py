@@ -51,7 +51,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("batches",),
     ),
     # the choice is timed once and kept, so a resumed run uses it; compute.* keys are free on resume
-    "dir_chunk": (("compute", "analyses.entropy_mode"), ("directions",)),
+    "dir_chunk": (("compute",), ("directions",)),
     "first_order": (("analyses.entropy_mode",), ("directions", "theta_stats")),
     "eta_grid": (("eta",), ("first_order",)),
     "true_sweep": ((), ("eta_grid",)),
