@@ -315,7 +315,7 @@ class ComputeConfig:
     tf_batch_size: int = _opt(16, "Sequences per teacher-forcing forward pass", _number(1, integer=True))
     dir_chunk: int | str = _opt("auto", (
         "Directions per vmap call (1 = a plain loop, no vmap); auto = the fastest of 1, 2, 4, 8, 16 "
-        "(capped at K), timed on one teacher-forcing chunk of E at the first checkpoint and recorded "
+        "(capped at K), timed on one teacher-forcing chunk of E once per checkpoint and recorded "
         "in summary.json"), _Check("'auto' or an integer >= 1", _dir_chunk))
     seq_chunk: int = _opt(8, "Sequences per vmap(grad) call for per-sequence gradients",
                           _number(1, integer=True))
