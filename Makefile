@@ -45,7 +45,8 @@ test: lint
 # differently per kernel set; these tests must hold on every one, not only on the CI's own.
 # Any other set: `make test-portable PORTABLE_CAP=avx2` (x86 only).
 PORTABLE_TESTS ?= tests/core/test_policy.py tests/core/test_stats.py tests/estimators/test_true.py \
-                  tests/updates/test_grads.py tests/estimators/test_kernel.py
+                  tests/updates/test_grads.py tests/estimators/test_kernel.py tests/updates/test_replay.py \
+                  tests/estimators/test_token_influence.py tests/integrations/test_replay_trl.py
 PORTABLE_CAP ?= default
 
 test-portable: setup
