@@ -7,8 +7,17 @@ For logits ``z_t`` at a position, temperature ``τ`` and nucleus mass ``p`` (doc
 ``TopP_p`` keeps exactly the tokens that ``transformers``' ``TopPLogitsWarper(top_p=p,
 min_tokens_to_keep=1)`` keeps after ``TemperatureLogitsWarper(τ)``: sort ascending, drop the
 tokens whose ascending float32 cumulative mass is ``<= 1 - p``, always keep the top token. The
-nucleus is decided in float32 whatever the logits' dtype (what ``generate`` does); the log-prob
-and entropy math then runs in float32, or float64 for float64 logits.
+nucleus is decided in float32 whatever the logits' dtype (what ``generate`` does).
+
+Precision. The per-token statistics of :meth:`SamplingPolicy.token_stats` (``log q`` and ``H``) are
+computed in float64 from the logits, whatever their dtype. True ΔH differences per-sequence sums
+of these values at θ and θ' (hundreds of nats for long responses): in float32 every token's ``H``
+and ``log q`` would carry a rounding error of ~ulp(H) ≈ 1e-6 that changes at random as soon as any
+logit changes by one ulp, i.e. noise of ~1e-5 nats per sequence at every η — the precision floor.
+In float64 that part is gone and what is left is the logits' own rounding, which a small step
+changes only slightly. The cost is small beside the LM head (a few float64 passes over ``[rows,
+V]`` against the head's ``D`` multiply-adds per logit). Other uses (the trainer's log-prob of a
+gradient, the first-order derivatives, the sampler) use :func:`compute_dtype`.
 
 Fast path: a full-vocabulary sort costs ~20x a log-softmax at V = 152k, so each row first takes
 a ``topk`` prefix. A row whose nucleus ends inside the prefix, clearly away from the threshold
@@ -115,10 +124,11 @@ class SamplingPolicy:
     def token_stats(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``log q(target)`` and the entropy ``H(q)`` for every row of ``logits [..., V]``.
 
-        Returns two tensors shaped like ``targets`` (``[...]``), in float32 (float64 for float64
-        logits). ``log q`` is ``-inf`` for a target outside the nucleus (a legal value: it makes
-        an importance weight exactly zero). Both are differentiable w.r.t. the logits inside the
-        nucleus; the nucleus itself is a constant of the logits' values.
+        Returns two tensors shaped like ``targets`` (``[...]``), in float64 whatever the logits'
+        dtype (module docstring, "Precision"). ``log q`` is ``-inf`` for a target outside the
+        nucleus (a legal value: it makes an importance weight exactly zero). Both are
+        differentiable w.r.t. the logits inside the nucleus; the nucleus itself is a constant of
+        the logits' values.
 
         With kept set ``S`` and ``z = logits / τ``::
 
@@ -142,7 +152,7 @@ class SamplingPolicy:
         return self._stats(logits, targets, keyed=True)
 
     def _stats(self, logits: Tensor, targets: Tensor, keyed: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        cd = compute_dtype(logits.dtype)
+        cd = torch.float64  # not compute_dtype(): see the module docstring (precision)
         shape = targets.shape
         z = logits.reshape(-1, logits.shape[-1]).to(cd)
         if self.temperature != 1.0:
@@ -160,7 +170,7 @@ class SamplingPolicy:
             ent = lse - (e * zs).sum(-1) / s
             return (zs.gather(-1, y).squeeze(-1) - lse).reshape(shape), ent.reshape(shape), None
         with torch.no_grad():
-            z32 = z.detach() if cd == torch.float32 and self.temperature == 1.0 else self.scaled32(logits)
+            z32 = self.scaled32(logits)
             nuc = _nucleus(z32.reshape(-1, z.shape[-1]), self.top_p, min(int(self.topk_prefix), z.shape[-1]))
         ninf = torch.full_like(zy, float("-inf"))
         logq, ent = ninf, torch.zeros_like(zy)

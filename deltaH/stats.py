@@ -94,7 +94,7 @@ def chunk_token_stats(
     ``None`` when ``p = 1`` or ``keyed`` is false).
 
     ``shifted`` is ``None`` (θ itself, K = 1) or a stacked tree ``[K, ...]`` of the parameters
-    that differ from ``params``. Values are in the policy's compute dtype (float32/float64).
+    that differ from ``params``. Values are float64 (:meth:`SamplingPolicy.token_stats`).
     """
     if shifted is None:
         hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
