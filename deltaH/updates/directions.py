@@ -97,7 +97,9 @@ def update_directions(
     g_seq, _ = sequence_logprob_grads(
         lm, params, batch, temperature=temperature, names=names, seq_chunk=seq_chunk, on_progress=on_progress
     )
-    per_seq = {n: g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
+    # in place: g_seq is ours, and [M, *shape] per name is the largest thing this builds (M·|θ|)
+    per_seq = {n: g.mul_(coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))) for n, g in g_seq.items()}
+    del g_seq
     return directions_from_grads(params, per_seq, state, coef=coef, max_grad_norm=max_grad_norm)
 
 
@@ -127,12 +129,13 @@ def directions_from_grads(
         hyper = {n: (h._replace(lr=1.0) if n in zero else h) for n, h in state.hyper.items()}
         st = dataclasses.replace(state, hyper=hyper)
     dec = adamw_decompose(params, per_seq, st, max_grad_norm=max_grad_norm)
-    comps = unit_lr(dec.components, st)
+    full = unit_lr(dec.full, st)  # also checks every lr (the same names as the components)
+    comps = {n: c.div_(st.hyper[n].lr) for n, c in dec.components.items()}  # in place: no second M·|θ|
     grad_sum = {n: c.sum(0) for n, c in comps.items()}
     lrs = {n: float(state.hyper[n].lr) for n in dec.full}
     lr_ref = reference_lr(lrs)
     return UpdateDirections(
-        full=unit_lr(dec.full, st),
+        full=full,
         baseline=unit_lr(dec.baseline, st),
         grad=grad_sum,
         components=comps,
