@@ -43,7 +43,8 @@ from torch import Tensor
 from deltaH.batch import Compact, SequenceBatch, compact
 from deltaH.errors import ArgumentError, BatchError, ParameterNameError
 from deltaH.functional import FunctionalLM
-from deltaH.policy import SamplingPolicy, scaled_logits, trainer_logprob
+from deltaH.policy import SamplingPolicy, trainer_logprob
+from deltaH.stats import token_cotangents
 
 
 def logprob_sums(
@@ -163,39 +164,6 @@ def sequence_logprob_grads(
     return {n: torch.cat(v) for n, v in grads.items()}, torch.cat(sums)
 
 
-def logprob_cotangents(
-    lm: FunctionalLM,
-    params: Mapping[str, Tensor],
-    h: Tensor,
-    targets: Tensor,
-    temperature: float,
-    policy: SamplingPolicy | None = None,
-    head_chunk: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Token log-probs ``lp [P]`` (compute dtype) and their gradients ``c = ∂lp/∂h [P, D]`` (``h``'s
-    dtype) for hidden states ``h [P, D]``, in chunks of rows (module docstring; no autograd graph).
-
-    ``lp`` is ``log softmax(z/τ)[y]``, over the nucleus of ``policy`` (decided at these logits) when
-    it has top-p; a target outside the nucleus gets ``lp = −inf`` and ``c = −J_headᵀ q / τ``.
-    """
-    from deltaH.stats import head_rows
-
-    step = head_rows(lm, 1, head_chunk)
-    lps, cots = [], []
-    for s in range(0, h.shape[0], step):
-        logits, vjp = torch.func.vjp(lambda x: lm.head(params, x), h[s : s + step])[:2]
-        keep = policy.nucleus_mask(logits) if policy is not None else None
-        z = scaled_logits(logits.detach(), temperature, keep)
-        logp = torch.log_softmax(z, dim=-1)
-        y = targets[s : s + step].unsqueeze(-1)
-        lps.append(logp.gather(-1, y).squeeze(-1))
-        inside = torch.ones_like(y, dtype=logp.dtype) if keep is None else keep.gather(-1, y).to(logp.dtype)
-        dz = (-logp.exp()).scatter_add(-1, y, inside)  # onehot(y)·[y ∈ S] − q
-        (c,) = vjp((dz / temperature).to(logits.dtype))
-        cots.append(c)
-    return torch.cat(lps), torch.cat(cots)
-
-
 def _streamed_chunk(
     lm: FunctionalLM,
     params: Mapping[str, Tensor],
@@ -211,7 +179,7 @@ def _streamed_chunk(
     pos = c.position_ids[0]
     with torch.no_grad():
         h = lm.backbone(params, c.ids, c.position_ids)
-        lp, cot = logprob_cotangents(lm, params, h[c.rows, c.pred_pos], c.targets, temperature, policy)
+        lp, cot, _ = token_cotangents(lm, params, h[c.rows, c.pred_pos], c.targets, temperature, policy)
     ctan = torch.zeros_like(h)
     ctan[c.rows, c.pred_pos] = cot
     sub = {n: params[n] for n in names}
