@@ -7,8 +7,17 @@ For logits ``z_t`` at a position, temperature ``τ`` and nucleus mass ``p`` (doc
 ``TopP_p`` keeps exactly the tokens that ``transformers``' ``TopPLogitsWarper(top_p=p,
 min_tokens_to_keep=1)`` keeps after ``TemperatureLogitsWarper(τ)``: sort ascending, drop the
 tokens whose ascending float32 cumulative mass is ``<= 1 - p``, always keep the top token. The
-nucleus is decided in float32 whatever the logits' dtype (what ``generate`` does); the log-prob
-and entropy math then runs in float32, or float64 for float64 logits.
+nucleus is decided in float32 whatever the logits' dtype (what ``generate`` does).
+
+Precision. The per-token statistics of :meth:`SamplingPolicy.token_stats` (``log q`` and ``H``) are
+computed in float64 from the logits, whatever their dtype. True ΔH differences per-sequence sums
+of these values at θ and θ' (hundreds of nats for long responses): in float32 every token's ``H``
+and ``log q`` would carry a rounding error of ~ulp(H) ≈ 1e-6 that changes at random as soon as any
+logit changes by one ulp, i.e. noise of ~1e-5 nats per sequence at every η — the precision floor.
+In float64 that part is gone and what is left is the logits' own rounding, which a small step
+changes only slightly. The cost is small beside the LM head (a few float64 passes over ``[rows,
+V]`` against the head's ``D`` multiply-adds per logit). Other uses (the trainer's log-prob of a
+gradient, the first-order derivatives, the sampler) use :func:`compute_dtype`.
 
 The kept set is decided without sorting the vocabulary (``deltaH._nucleus``: an exact top-``k``
 prefix for peaked rows, a histogram of the masses for flat ones, HF's own sort for rows too close to
@@ -110,10 +119,11 @@ class SamplingPolicy:
     def token_stats(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``log q(target)`` and the entropy ``H(q)`` for every row of ``logits [..., V]``.
 
-        Returns two tensors shaped like ``targets`` (``[...]``), in float32 (float64 for float64
-        logits). ``log q`` is ``-inf`` for a target outside the nucleus (a legal value: it makes
-        an importance weight exactly zero). Both are differentiable w.r.t. the logits inside the
-        nucleus; the nucleus itself is a constant of the logits' values.
+        Returns two tensors shaped like ``targets`` (``[...]``), in float64 whatever the logits'
+        dtype (module docstring, "Precision"). ``log q`` is ``-inf`` for a target outside the
+        nucleus (a legal value: it makes an importance weight exactly zero). Both are
+        differentiable w.r.t. the logits inside the nucleus; the nucleus itself is a constant of
+        the logits' values.
 
         With kept set ``S`` and ``z = logits / τ``::
 
@@ -148,7 +158,7 @@ class SamplingPolicy:
 
     def _stats_autograd(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
         """The differentiable twin of :meth:`_stats_fast` (plain masked log-sum-exps)."""
-        cd = compute_dtype(logits.dtype)
+        cd = torch.float64  # not compute_dtype(): see the module docstring (precision)
         shape = targets.shape
         z = logits.reshape(-1, logits.shape[-1]).to(cd)
         if self.temperature != 1.0:
@@ -188,7 +198,7 @@ class SamplingPolicy:
 
     def _stats_fast(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
         """:meth:`token_stats` without autograd, a few rows at a time (see the docstring there)."""
-        cd, v = compute_dtype(logits.dtype), logits.shape[-1]
+        cd, v = torch.float64, logits.shape[-1]  # not compute_dtype(): module docstring (precision)
         x, y = logits.reshape(-1, v), targets.reshape(-1)
         n = x.shape[0]
         logq = torch.empty(n, dtype=cd, device=x.device)

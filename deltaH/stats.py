@@ -25,7 +25,7 @@ from torch import Tensor
 from deltaH.batch import Compact, SequenceBatch, compact
 from deltaH.errors import ArgumentError
 from deltaH.functional import FunctionalLM
-from deltaH.policy import SamplingPolicy
+from deltaH.policy import SamplingPolicy, scaled_logits
 
 # Elements of one [rows, V] logits chunk (rows across directions); a few temporaries of this
 # size exist at once inside the policy math.
@@ -94,7 +94,7 @@ def chunk_token_stats(
     ``None`` when ``p = 1`` or ``keyed`` is false).
 
     ``shifted`` is ``None`` (θ itself, K = 1) or a stacked tree ``[K, ...]`` of the parameters
-    that differ from ``params``. Values are in the policy's compute dtype (float32/float64).
+    that differ from ``params``. Values are float64 (:meth:`SamplingPolicy.token_stats`).
     """
     if shifted is None:
         hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
@@ -197,6 +197,58 @@ def sequence_stats(
     lq, en, key = stats_of_chunks(lm, params, None, chunks, policy, head_chunk, keyed=nucleus_keys)
     return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens,
                          nucleus_key=None if key is None else key[0])
+
+
+def token_cotangents(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    h: Tensor,
+    targets: Tensor,
+    temperature: float,
+    policy: SamplingPolicy | None = None,
+    entropy: bool = False,
+    head_chunk: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token log-probs and the gradients of log-prob and entropy w.r.t. the hidden states, without
+    an autograd graph through the head: ``(lp [P], c_lp [P, D], c_H [P, D] or None)``.
+
+    For hidden states ``h [P, D]``, ``z = head(h)/τ`` and ``q = softmax_S(z)`` over the kept set
+    ``S`` (the nucleus of ``policy``, decided at these logits and held fixed; every token without a
+    top-p ``policy``)::
+
+        lp_t  = z_t[y_t] − logsumexp_S(z_t)                 (−inf when y_t ∉ S)
+        c_lp  = J_headᵀ (onehot(y_t)·[y_t ∈ S] − q_t) / τ
+        c_H   = J_headᵀ (−q_t ⊙ (z_t − Σ_S q_t z_t)) / τ    (with ``entropy``: the RB entropy's)
+
+    The head runs on ``head_chunk`` rows at a time (:func:`head_rows`), so memory does not grow
+    with ``P·V``; ``lp`` is in the compute dtype, the cotangents in ``h``'s dtype. The caller
+    chains them through the backbone (``∇_θ Σ_t ⟨h_t(θ), c_t⟩``).
+    """
+    step = head_rows(lm, 1, head_chunk)
+    lps, c_lp, c_h = [], [], []
+    for s in range(0, h.shape[0], step):
+        x = h[s : s + step].detach().requires_grad_(True)
+        with torch.enable_grad():  # a one-chunk graph: the head's vjp, nothing [rows, V] kept
+            logits = lm.head({n: t.detach() for n, t in params.items()}, x)
+
+        def vjp(ct: Tensor, last: bool, x: Tensor = x, logits: Tensor = logits) -> tuple[Tensor]:
+            return torch.autograd.grad(logits, x, grad_outputs=ct, retain_graph=not last)  # type: ignore[return-value]
+
+        keep = policy.nucleus_mask(logits) if policy is not None else None
+        z = scaled_logits(logits.detach(), temperature, keep)
+        logp = torch.log_softmax(z, dim=-1)
+        y = targets[s : s + step].unsqueeze(-1)
+        lps.append(logp.gather(-1, y).squeeze(-1))
+        q = logp.exp()  # 0 outside S
+        inside = torch.ones_like(y, dtype=q.dtype) if keep is None else keep.gather(-1, y).to(q.dtype)
+        (c,) = vjp(((-q).scatter_add(-1, y, inside) / temperature).to(logits.dtype), not entropy)
+        c_lp.append(c)
+        if entropy:
+            zs = z if keep is None else z.masked_fill(~keep, 0.0)
+            dz = -q * (zs - (q * zs).sum(-1, keepdim=True))
+            (c,) = vjp((dz / temperature).to(logits.dtype), True)
+            c_h.append(c)
+    return torch.cat(lps), torch.cat(c_lp), torch.cat(c_h) if entropy else None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from deltaH.batch import Compact, SequenceBatch
 from deltaH.estimators._common import as_etas, base_stats, check_options, validate_dirs
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, scaled_logits
-from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows
+from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows, token_cotangents
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,50 @@ def _forward(su: _Setup, dirs: Mapping[str, Tensor], dir_chunk: int) -> tuple[Te
 def _reverse(
     su: _Setup, names: Sequence[str], per_sequence: bool
 ) -> tuple[dict[str, Tensor], list[dict[str, dict[str, Tensor]]] | None]:
-    """``X = ∇F`` over ``names``, and optionally per-sequence gradients of ``(logq_n, e_n)``."""
+    """``X = ∇F`` over ``names``, and optionally per-sequence gradients of ``(logq_n, e_n)``.
+
+    Without a head parameter among ``names`` (LoRA), the head's part is taken in closed form in
+    chunks of positions (:func:`deltaH.stats.token_cotangents`) and only the backbone keeps an
+    autograd graph: memory does not grow with ``T·V``. A differentiated head runs under autograd.
+    """
+    if set(names) & su.lm.head_names:
+        return _reverse_autograd(su, names, per_sequence)
+    params, e_all, rb = su.params, su.base.e(su.entropy_mode).double(), su.entropy_mode == "rb"
+    grad = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    per_seq: list[dict[str, dict[str, Tensor]]] | None = [] if per_sequence else None
+    start = 0
+    for j, c in enumerate(su.chunks):
+        p = {n: (params[n].detach().clone().requires_grad_(True) if n in grad else params[n]) for n in params}
+        leaves = [p[n] for n in names]
+        with torch.enable_grad():
+            h = su.lm.backbone(p, c.ids, c.position_ids)[c.rows, c.pred_pos]  # [P, D]
+        with torch.no_grad():
+            _, c_lq, c_h = token_cotangents(su.lm, params, h.detach(), c.targets, su.policy.temperature,
+                                            su.policy, entropy=rb, head_chunk=su.head_chunk)
+        c_e = c_h if c_h is not None else -c_lq  # naive: e = −logq
+        coef = (e_all[start : start + c.n] - su.h_orig)[c.rows].to(h.dtype).unsqueeze(-1)
+        cot = (c_e + coef * c_lq) / su.n_total.to(h.dtype)  # ∂F/∂h_t, F = mean_n [e_n + logq_n·(e_n − H)]
+        gs = torch.autograd.grad(h, leaves, grad_outputs=cot, retain_graph=per_sequence)
+        for n, g in zip(names, gs, strict=True):
+            grad[n] += g.double()
+        if per_seq is not None:
+            own = torch.zeros(c.n, h.shape[0], 1, dtype=h.dtype, device=h.device)
+            own[c.rows, torch.arange(h.shape[0], device=h.device)] = 1.0  # [n, P, 1]: row n's positions
+            g_lq = torch.autograd.grad(h, leaves, grad_outputs=own * c_lq, is_grads_batched=True,
+                                       retain_graph=True)
+            g_e = torch.autograd.grad(h, leaves, grad_outputs=own * c_e, is_grads_batched=True)
+            per_seq.append({"logq": dict(zip(names, g_lq, strict=True)),
+                            "e": dict(zip(names, g_e, strict=True))})
+        start += c.n
+        su.progress(j + 1, len(su.chunks))
+    return {n: _dist.all_sum(g) for n, g in grad.items()}, per_seq
+
+
+def _reverse_autograd(
+    su: _Setup, names: Sequence[str], per_sequence: bool
+) -> tuple[dict[str, Tensor], list[dict[str, dict[str, Tensor]]] | None]:
+    """:func:`_reverse` with autograd through the head and the policy math (a head parameter is
+    differentiated: its gradient is ``[V, D]``, larger than the logits it needs)."""
     params, e_all = su.params, su.base.e(su.entropy_mode)
     grad = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
     per_seq: list[dict[str, dict[str, Tensor]]] | None = [] if per_sequence else None

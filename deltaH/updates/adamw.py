@@ -270,13 +270,14 @@ def adamw_decompose(params: Mapping[str, Tensor], per_seq_grads: Mapping[str, Te
         b1 = h.betas[0]
         d = mo.denom * mo.bc1
         m = state.exp_avg[name].to(dev, dt)
-        gi = per_seq_grads[name].to(dev, dt)
-        if coef is not None:
-            gi = gi * coef.to(dev, dt)
         sign = -1.0 if h.maximize else 1.0
+        scale = torch.tensor(-sign * h.lr * (1 - b1), dtype=dt, device=dev)
+        if coef is not None:
+            scale = scale * coef.to(dev, dt)
         full[name] = new_theta[name] - theta.to(dt)
         baseline[name] = theta.to(dt) * (-h.lr * h.weight_decay) - (m / d) * (h.lr * b1)
-        comps[name] = (gi * (-sign * h.lr * (1 - b1))) / d
+        # one [M, *s] allocation per name: these are the big tensors (M sequences × the adapter)
+        comps[name] = torch.mul(per_seq_grads[name].to(dev, dt), scale).div_(d)
         denom[name] = d
     return AdamWDecomposition(full=full, baseline=baseline, components=comps, denom=denom,
                               clip_coef=1.0 if coef is None else float(coef), grad_norm=float(norm),

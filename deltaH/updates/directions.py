@@ -111,7 +111,9 @@ def update_directions(
     else:  # more ranks than update sequences: this one holds none
         g_seq = {n: params[n].new_zeros((0, *params[n].shape)) for n in names}
     c = coef if rows is None else coef[rows]
-    per_seq = {n: g * c.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in g_seq.items()}
+    # in place: g_seq is ours, and [M, *shape] per name is the largest thing this builds (M·|θ|)
+    per_seq = {n: g.mul_(c.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))) for n, g in g_seq.items()}
+    del g_seq
     if rows is not None:
         per_seq = {n: _dist.all_cat(g, 0) for n, g in per_seq.items()}
         got = next(iter(per_seq.values())).shape[0]
@@ -149,12 +151,13 @@ def directions_from_grads(
         hyper = {n: (h._replace(lr=1.0) if n in zero else h) for n, h in state.hyper.items()}
         st = dataclasses.replace(state, hyper=hyper)
     dec = adamw_decompose(params, per_seq, st, max_grad_norm=max_grad_norm)
-    comps = unit_lr(dec.components, st)
+    full = unit_lr(dec.full, st)  # also checks every lr (the same names as the components)
+    comps = {n: c.div_(st.hyper[n].lr) for n, c in dec.components.items()}  # in place: no second M·|θ|
     grad_sum = {n: c.sum(0) for n, c in comps.items()}
     lrs = {n: float(state.hyper[n].lr) for n in dec.full}
     lr_ref = reference_lr(lrs)
     return UpdateDirections(
-        full=unit_lr(dec.full, st),
+        full=full,
         baseline=unit_lr(dec.baseline, st),
         grad=grad_sum,
         components=comps,

@@ -8,8 +8,19 @@ For sequence ``i`` with response positions ``R_i`` and ``z = logits/τ``::
 Sequences are compacted (right padding, shared position ids ``0..L-1``), so ids are the only
 batched input under ``vmap``; position ids stay unbatched (HF's packed-sequence detection is
 data-dependent), and no attention mask is needed (causal attention never reaches padding).
-Inside one sequence the logits ``[L, V]`` exist at once; ``seq_chunk`` bounds how many sequences
-are vmapped together.
+
+Memory does not grow with ``T·V``: the head's part of the gradient is taken in closed form, in
+chunks of scored positions, never as ``[L, V]`` logits inside ``vmap``. With hidden states
+``h_t`` (a no-grad forward of the chunk), ``q_t`` the softmax of ``z_t = head(h_t)/τ`` (over the
+nucleus, held fixed, for a ``policy`` with top-p)::
+
+    c_t  = ∂ log q_t(y_t) / ∂h_t = J_headᵀ (onehot(y_t) − q_t) / τ         [P, D]
+    G_i  = ∇_θ Σ_{t∈R_i} ⟨h_t(θ), c_t⟩     (c_t held constant: the chain rule through the backbone)
+
+so ``vmap(grad)`` runs the backbone only (one extra no-grad forward per chunk); ``seq_chunk``
+bounds how many sequences are vmapped together. When a head parameter is differentiated (a full
+fine-tune, or a tied embedding) the head runs inside ``vmap`` on every position as before (logits
+``[L, V]`` per sequence): that parameter's per-sequence gradient is ``[V, D]`` per sequence anyway.
 
 With per-token weights ``w [N, T_max]`` (the weight of the ``k``-th scored token of row ``i`` at
 ``[i, k]``, zero-padded) the summed log-prob becomes a weighted one, for any loss whose gradient
@@ -29,10 +40,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from deltaH.batch import SequenceBatch, compact
+from deltaH.batch import Compact, SequenceBatch, compact
 from deltaH.errors import ArgumentError, BatchError, ParameterNameError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, trainer_logprob
+from deltaH.stats import token_cotangents
 
 
 def logprob_sums(
@@ -62,8 +74,8 @@ def sequence_logprob_grads(
 
     ``names`` restricts the gradient to those parameters (default: all of ``params``). With a
     ``policy`` (its temperature replaces ``temperature``), ``S_i`` is the sampling policy's
-    ``logq_i`` instead: the log-softmax runs over the top-p nucleus, decided at ``params`` (a
-    ``[n, L, V]`` mask per chunk, computed outside ``vmap``) and held fixed.
+    ``logq_i`` instead: the log-softmax runs over the top-p nucleus, decided at ``params`` (outside
+    ``vmap``, per chunk of scored positions) and held fixed.
     ``on_progress(done, total)``, if given, is called after each chunk with the sequences done.
     ``token_weights`` (``[N, T_max]`` or ``[N, K, T_max]``, module docstring): the gradient of the
     weighted sum ``Σ_k w_{i,k} log π`` instead; the results gain the ``K`` axis when it is given.
@@ -83,8 +95,20 @@ def sequence_logprob_grads(
     rest = {n: t for n, t in params.items() if n not in names}
     grads: dict[str, list[Tensor]] = {n: [] for n in names}
     sums: list[Tensor] = []
+    streamed = not (set(names) & lm.head_names)
     for s in range(0, len(batch), seq_chunk):
         c = compact(batch.select(slice(s, s + seq_chunk)))
+        if streamed:
+            g, val = _streamed_chunk(lm, params, names, c, temperature, policy,
+                                     None if w3 is None else w3[s : s + c.n])
+            if token_weights is not None and token_weights.dim() == 2:
+                g, val = {n: t.squeeze(1) for n, t in g.items()}, val.squeeze(1)
+            for n in names:
+                grads[n].append(g[n])
+            sums.append(val.double())
+            if on_progress is not None:
+                on_progress(min(s + seq_chunk, len(batch)), len(batch))
+            continue
         length = c.ids.shape[1]
         mask = torch.zeros(c.n, length, dtype=torch.bool, device=c.ids.device)
         mask[c.rows, c.pred_pos] = True
@@ -138,6 +162,46 @@ def sequence_logprob_grads(
         if on_progress is not None:
             on_progress(min(s + seq_chunk, len(batch)), len(batch))
     return {n: torch.cat(v) for n, v in grads.items()}, torch.cat(sums)
+
+
+def _streamed_chunk(
+    lm: FunctionalLM,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    c: Compact,
+    temperature: float,
+    policy: SamplingPolicy | None,
+    w3: Tensor | None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sequence gradients ``[n, (K,) *shape]`` and sums ``[n(, K)]`` of one compacted chunk by
+    the closed-form head cotangents (module docstring); ``w3 [n, K, T_max]`` weights (or None)."""
+    rest = {n: t for n, t in params.items() if n not in names}
+    pos = c.position_ids[0]
+    with torch.no_grad():
+        h = lm.backbone(params, c.ids, c.position_ids)
+        lp, cot, _ = token_cotangents(lm, params, h[c.rows, c.pred_pos], c.targets, temperature, policy)
+    ctan = torch.zeros_like(h)
+    ctan[c.rows, c.pred_pos] = cot
+    sub = {n: params[n] for n in names}
+
+    def inner(p: Mapping[str, Tensor], ids: Tensor, ct: Tensor) -> Tensor:
+        hh = lm.backbone({**rest, **p}, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
+        return (hh * ct).sum((-1, -2))  # ct [L, D] → [], or [K, L, D] → [K]
+
+    if w3 is None:
+        g = torch.func.vmap(torch.func.grad(inner), in_dims=(None, 0, 0))(sub, c.ids, ctan)
+        return g, c.per_sequence(lp)
+    # the k-th scored token of row i is its k-th scored position (batch order); weights per position
+    counts = torch.bincount(c.rows, minlength=c.n)
+    first = counts.cumsum(0) - counts  # rows' scored positions are contiguous in c.rows (compact)
+    k = torch.arange(c.rows.numel(), device=lp.device) - first[c.rows]
+    w_tok = w3[c.rows, :, k].to(lp.device)  # [P, K]
+    wpos = torch.zeros(c.n, w3.shape[1], h.shape[1], dtype=h.dtype, device=h.device)
+    wpos[c.rows, :, c.pred_pos] = w_tok.to(h.dtype)
+    ctk = wpos.unsqueeze(-1) * ctan.unsqueeze(1)  # [n, K, L, D]
+    g = torch.func.vmap(torch.func.jacrev(inner), in_dims=(None, 0, 0))(sub, c.ids, ctk)
+    val = c.per_sequence(w_tok.T.to(torch.float64) * lp.to(torch.float64))  # [K, n]
+    return g, val.T
 
 
 def _check_weights(w: Tensor, batch: SequenceBatch) -> Tensor:

@@ -252,6 +252,34 @@ def test_forward_reverse_and_reference_agree(which: str, top_p: float, mode: str
     assert cov.abs().min() > 1e-2 * slope.abs().max() and (se > 1e-3).all()
 
 
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_reverse_mode_keeps_no_logits_for_backward(per_sequence: bool) -> None:
+    """With LoRA, reverse mode's autograd graph saves nothing shaped like logits (``[..., V]``): the
+    head and the policy math are differentiated in closed form, chunk by chunk, so memory does not
+    grow with ``T·V``. (V = 97 is no other size of the model; views of the weights are excluded.)"""
+    model = with_lora(tiny_qwen2(vocab=97, seed=3))
+    lm = dh.FunctionalLM.from_model(model)
+    pol = dh.SamplingPolicy(TAU, 1.0)
+    g = torch.Generator().manual_seed(0)
+    batch = build_batch([(torch.randint(4, 97, (4,), generator=g).tolist(),
+                          torch.randint(0, 97, (6,), generator=g).tolist()) for _ in range(5)])
+    dirs = {n: torch.randn(2, *p.shape, generator=g, dtype=p.dtype) for n, p in lm.params.items()}
+    weights = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[-1] == 97 and t.untyped_storage().data_ptr() not in weights:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rev = dh.delta_h_first_order(lm.params, dirs, batch, lm=lm, policy=pol, mode="reverse",
+                                     per_sequence=per_sequence)
+    assert not saved, f"logits-shaped tensors saved for backward: {saved[:3]}"
+    fwd = dh.delta_h_first_order(lm.params, dirs, batch, lm=lm, policy=pol, mode="forward")
+    _close_rel(rev.slope, fwd.slope)
+
+
 def test_reference_detects_a_missing_covariance_term() -> None:
     """The reference comparison can fail: dropping the score-function term changes the slope."""
     s = setup_for("lora", 1.0)

@@ -149,6 +149,26 @@ def test_chunk_and_padding_invariance(
     torch.testing.assert_close(s, c.ref_s, rtol=RTOL, atol=1e-9)
 
 
+@pytest.mark.parametrize("policy", [None, dh.SamplingPolicy(TAU, 0.9)])
+def test_head_runs_on_scored_positions_only(cases: dict[str, Case], policy: dh.SamplingPolicy | None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With LoRA (no head parameter differentiated) the head sees each scored position once, in
+    chunks, outside ``vmap``: memory does not grow with ``T·V`` (no ``[L, V]`` logits per sequence)."""
+    c = cases["lora"]
+    rows: list[int] = []
+    head = c.lm.head
+
+    def counting_head(params: dict, x: torch.Tensor) -> torch.Tensor:
+        rows.append(x.shape[:-1].numel())
+        return head(params, x)
+
+    monkeypatch.setattr(c.lm, "head", counting_head)
+    g, s = sequence_logprob_grads(c.lm, c.lm.params, c.batch, temperature=TAU, seq_chunk=3, policy=policy)
+    assert sum(rows) == int(c.batch.n_tokens.sum())
+    if policy is None:  # (the top-p values are checked against autograd in tests/estimators/test_kernel.py)
+        _close_tree(g, c.ref_g)
+
+
 def test_names_restrict_the_gradient(cases: dict[str, Case]) -> None:
     c = cases["full"]
     names = ["lm_head.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]

@@ -1,0 +1,153 @@
+"""The precision floor of true ΔH at real model size, in float32 and bfloat16, beside the real lr.
+
+Model: the Qwen2.5-0.5B-shaped model of :mod:`benchmarks.bench_scale` (494M parameters, LoRA r = 16
+on every linear layer), with the random init's near-uniform outputs (``flat``: H ≈ 11.75
+nats/token, the issue's setting) or its final norm scaled to H ≈ 2 nats/token (``peaked``, like a
+trained model). E: N = 4 sequences (2 prompts × 2) of 64 prompt + 64 response tokens sampled from
+``q`` (``top_p = 1``). The step is a real one: two torch AdamW steps (lr ``--lr``, clipping 1.0) on
+the GRPO loss (``dapo``) of earlier sampled batches warm the optimizer, then ``dh.update_directions``
+builds the next step on a fresh U (8 sequences); ``u = Δθ/lr`` is its full direction.
+
+For each compute dtype (float32 model; bfloat16 base with float32 LoRA adapters, as peft loads them)
+ΔH(η) is measured on a grid of η (half decades) together with δH₁ = η·slope, and beside them the
+same quantities of the float64 copy of the same weights (the reference; HF keeps RMSNorm, rotary
+and the attention softmax in float32 even there, so it is not noise-free). The **floor** is the
+smallest η from which every larger grid η
+(up to where the float64 ΔH itself stops following δH₁: curvature) has ``|ΔH − δH₁| ≤ 10 %·|δH₁|``.
+It is reported next to ``deltaH.analysis.trust_range``'s own precision floor and the lr.
+
+Run: ``python -m benchmarks.bench_precision --label after`` (≈ 10 min on 2 cores); results are
+merged into ``benchmarks/results/precision.json`` under the label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+import deltaH as dh
+from benchmarks.bench_scale import EOS, as_dtype, build_model, group_advantages, machine, sample_batch
+from deltaH.analysis import rounding_noise, trust_range
+from deltaH.updates.grads import logprob_sums
+from deltaH.updates.losses import loss_coefficients
+
+GRID = [10.0 ** (k / 2) for k in range(-20, -3)]  # 1e-10 … 10**-2
+
+
+def warm_state(model: torch.nn.Module, lm: dh.FunctionalLM, lr: float, pol: dh.SamplingPolicy,
+               steps: int, resp: int) -> dh.AdamWState:
+    """Take ``steps`` real torch AdamW steps on the GRPO loss of freshly sampled batches; return its state."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=0.0)
+    for s in range(steps):
+        with torch.no_grad():
+            ub = sample_batch(lm, 8, 64, resp, 4, 100 + s, pol)
+        adv = group_advantages(8, 4, 200 + s)
+        coef = loss_coefficients(ub.n_tokens, adv, loss_type="dapo")
+        loss = (coef * logprob_sums(lm, named, ub)).sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
+        opt.step()
+    return dh.AdamWState.from_optimizer(opt, model)
+
+
+def sweep(model: torch.nn.Module, ev: dh.SequenceBatch, u: dict[str, torch.Tensor],
+          pol: dh.SamplingPolicy) -> dict[str, Any]:
+    lm = dh.FunctionalLM.from_model(model)
+    dirs = {n: d.unsqueeze(0) for n, d in u.items()}
+    t = time.perf_counter()
+    res = dh.delta_h_true_multi(lm.params, dirs, ev, lm=lm, policy=pol, eta=GRID, tf_batch_size=4,
+                                dir_chunk=1)
+    fo = dh.delta_h_first_order(lm.params, dirs, ev, lm=lm, policy=pol, eta=1.0, mode="forward",
+                                tf_batch_size=4, dir_chunk=1)
+    return {"delta_h": res.delta_h[:, 0].tolist(), "slope": float(fo.slope[0]), "h_orig": float(res.h_orig),
+            "ess": res.ess[:, 0].tolist(), "khat": res.khat[:, 0].tolist(),
+            "retained": res.retained_mass[:, 0].tolist(), "compute_dtype": str(lm.compute_dtype),
+            "time_s": time.perf_counter() - t}
+
+
+def follows(dh_: float, lin: float, tol: float = 0.1) -> bool:
+    return math.isfinite(dh_) and abs(dh_ - lin) <= tol * abs(lin)
+
+
+def floor_of(delta_h: list[float], slope: float, upper: int) -> float:
+    """Smallest grid η from which ΔH follows η·slope at every grid point up to index ``upper``."""
+    ok = [follows(d, e * slope) for d, e in zip(delta_h, GRID, strict=True)]
+    i = upper
+    while i >= 0 and ok[i]:
+        i -= 1
+    return GRID[i + 1] if i + 1 <= upper else math.nan
+
+
+def run(kind: str, lr: float, warm_steps: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model, info = build_model(entropy=None if kind == "flat" else 2.0)
+    lm = dh.FunctionalLM.from_model(model)
+    pol = dh.SamplingPolicy(1.0, 1.0)
+    state = warm_state(model, lm, lr, pol, warm_steps, 64)
+    lm = dh.FunctionalLM.from_model(model)
+    with torch.no_grad():
+        ev = sample_batch(lm, 4, 64, 64, 2, 1, pol)
+        up = sample_batch(lm, 8, 64, 64, 4, 2, pol)
+    ud = dh.update_directions(lm, lm.params, up, group_advantages(8, 4, 3), state, loss_type="dapo",
+                              max_grad_norm=1.0, seq_chunk=2)
+    u = ud.full
+    out: dict[str, Any] = {"model": info, "kind": kind, "lr": lr, "warm_steps": warm_steps,
+                           "lr_ref": ud.lr_ref, "n": len(ev), "scored_tokens": int(ev.n_tokens.sum()),
+                           "u_rms": math.sqrt(sum(float(t.double().pow(2).sum()) for t in u.values())
+                                              / sum(t.numel() for t in u.values())),
+                           "dtypes": {}}
+    ref = sweep(as_dtype(model, torch.float64), ev, u, pol)
+    out["dtypes"]["float64"] = ref
+    ok64 = [follows(d, e * ref["slope"]) for d, e in zip(ref["delta_h"], GRID, strict=True)]
+    # the largest η of the linear regime: the float64 ΔH follows δH₁ there
+    upper = max((i for i, o in enumerate(ok64) if o), default=len(GRID) - 1)
+    out["linear_regime_eta_max"] = GRID[upper]
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        r = sweep(model if dt == torch.float32 else as_dtype(model, dt), ev, u, pol)
+        n = len(ev)
+        tr = trust_range(GRID, r["delta_h"], r["slope"], r["ess"], r["khat"], r["retained"], n, 0.7,
+                         noise=rounding_noise(name, r["h_orig"], n), check_retained=False)
+        r["floor"] = floor_of(r["delta_h"], r["slope"], upper)
+        r["floor_vs_float64"] = floor_of(r["delta_h"], ref["slope"], upper)
+        r["trust_precision_floor"] = tr.precision_floor
+        r["trust_eta_min"] = tr.eta_min
+        r["ratio_to_first_order"] = [d / (e * r["slope"]) for d, e in zip(r["delta_h"], GRID, strict=True)]
+        out["dtypes"][name] = r
+        print(f"{kind} {name}: floor {r['floor']:.3g} (vs float64 slope {r['floor_vs_float64']:.3g}; "
+              f"trust_range {tr.precision_floor:.3g}); lr {lr:g}", flush=True)
+    out["grid"] = GRID
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/precision.json")
+    ap.add_argument("--label", default="current", help="key of this run in the JSON (e.g. before/after)")
+    ap.add_argument("--kinds", default="flat,peaked")
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--warm-steps", type=int, default=2)
+    args = ap.parse_args(argv)
+    res = {k: run(k, args.lr, args.warm_steps) for k in args.kinds.split(",")}
+    old: dict[str, Any] = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+    old[args.label] = {"machine": machine(), "eos": EOS, "runs": res}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(old, f, indent=2, sort_keys=True)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} [{args.label}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
