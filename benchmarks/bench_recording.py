@@ -35,18 +35,11 @@ from typing import Any
 import torch
 
 from benchmarks.bench_probe import StepTimer, load_setup
+from benchmarks.bench_topp import cpu_model as _cpu_model
 
 VARIANTS = ("trl", "mixin_off", "recording")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time_writer(tr: Any) -> list[float]:
