@@ -69,7 +69,9 @@ def _run(tmp: Path, rows: slice | None) -> dict[str, dict[str, torch.Tensor]]:
 def _worker(rank: int, world: int, tmp: Path) -> None:
     torch.set_num_threads(1)  # two ranks share the cores
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            # generous: on a loaded 2-core machine a rank can wait minutes for its peer,
+                            # and a gloo timeout aborts the process (SIGABRT) instead of raising
+                            timeout=datetime.timedelta(seconds=600))
     try:
         lo, hi = SPLIT[rank]
         torch.save(_run(tmp, slice(lo, hi)), tmp / f"rank{rank}.pt")
