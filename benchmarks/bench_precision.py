@@ -12,43 +12,58 @@ For each compute dtype (float32 model; bfloat16 base with float32 LoRA adapters,
 ΔH(η) is measured on a grid of η (half decades) together with δH₁ = η·slope, and beside them the
 same quantities of the float64 copy of the same weights (the reference; HF keeps RMSNorm, rotary
 and the attention softmax in float32 even there, so it is not noise-free). The **floor** is the
-smallest η from which every larger grid η
-(up to where the float64 ΔH itself stops following δH₁: curvature) has ``|ΔH − δH₁| ≤ 10 %·|δH₁|``.
-It is reported next to ``deltaH.analysis.trust_range``'s own precision floor and the lr.
+smallest η from which every larger grid η (up to where the float64 ΔH itself stops following δH₁:
+curvature) has ``|ΔH − δH₁| ≤ 10 %·|δH₁|``. It is reported next to ``deltaH.analysis.trust_range``'s
+own precision floor and the lr, and beside the floor with the per-token statistics computed in the
+logits' dtype (``deltaH.policy._STATS_DTYPE = None``: this project's code before the float64
+statistics), on the same model, batch and step.
 
-Run: ``python -m benchmarks.bench_precision --label after`` (≈ 10 min on 2 cores); results are
-merged into ``benchmarks/results/precision.json`` under the label.
+Run: ``python -m benchmarks.bench_precision`` (≈ 30 min on 2 cores); results are merged into
+``benchmarks/results/precision.json`` under ``--label``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 import deltaH as dh
+import deltaH.policy
 from benchmarks.bench_scale import EOS, as_dtype, build_model, group_advantages, machine, sample_batch
 from deltaH.analysis import rounding_noise, trust_range
 from deltaH.updates.grads import logprob_sums
 from deltaH.updates.losses import loss_coefficients
 
-GRID = [10.0 ** (k / 2) for k in range(-20, -3)]  # 1e-10 … 10**-2
+GRID = [10.0 ** (k / 2) for k in range(-18, -5)]  # 1e-9 … 1e-3
 
 
-def warm_state(model: torch.nn.Module, lm: dh.FunctionalLM, lr: float, pol: dh.SamplingPolicy,
-               steps: int, resp: int) -> dh.AdamWState:
-    """Take ``steps`` real torch AdamW steps on the GRPO loss of freshly sampled batches; return its state."""
+@contextlib.contextmanager
+def float32_statistics() -> Iterator[None]:
+    """Per-token statistics in the logits' compute dtype (float32 for float32 and bf16 logits), as
+    this project computed them before: the "before" of the floor."""
+    old = deltaH.policy._STATS_DTYPE
+    deltaH.policy._STATS_DTYPE = None
+    try:
+        yield
+    finally:
+        deltaH.policy._STATS_DTYPE = old
+
+
+def warm_state(model: torch.nn.Module, lm: dh.FunctionalLM, lr: float, batches: list[dh.SequenceBatch],
+               group: int) -> dh.AdamWState:
+    """Real torch AdamW steps (clipping 1.0) on the GRPO (``dapo``) loss of ``batches``; its state."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=0.0)
-    for s in range(steps):
-        with torch.no_grad():
-            ub = sample_batch(lm, 8, 64, resp, 4, 100 + s, pol)
-        adv = group_advantages(8, 4, 200 + s)
+    for s, ub in enumerate(batches):
+        adv = group_advantages(len(ub), group, 200 + s)
         coef = loss_coefficients(ub.n_tokens, adv, loss_type="dapo")
         loss = (coef * logprob_sums(lm, named, ub)).sum()
         opt.zero_grad()
@@ -58,19 +73,22 @@ def warm_state(model: torch.nn.Module, lm: dh.FunctionalLM, lr: float, pol: dh.S
     return dh.AdamWState.from_optimizer(opt, model)
 
 
-def sweep(model: torch.nn.Module, ev: dh.SequenceBatch, u: dict[str, torch.Tensor],
-          pol: dh.SamplingPolicy) -> dict[str, Any]:
+def sweep(model: torch.nn.Module, ev: dh.SequenceBatch, u: dict[str, torch.Tensor], pol: dh.SamplingPolicy,
+          slope: bool = True) -> dict[str, Any]:
     lm = dh.FunctionalLM.from_model(model)
     dirs = {n: d.unsqueeze(0) for n, d in u.items()}
     t = time.perf_counter()
     res = dh.delta_h_true_multi(lm.params, dirs, ev, lm=lm, policy=pol, eta=GRID, tf_batch_size=4,
                                 dir_chunk=1)
-    fo = dh.delta_h_first_order(lm.params, dirs, ev, lm=lm, policy=pol, eta=1.0, mode="forward",
-                                tf_batch_size=4, dir_chunk=1)
-    return {"delta_h": res.delta_h[:, 0].tolist(), "slope": float(fo.slope[0]), "h_orig": float(res.h_orig),
-            "ess": res.ess[:, 0].tolist(), "khat": res.khat[:, 0].tolist(),
-            "retained": res.retained_mass[:, 0].tolist(), "compute_dtype": str(lm.compute_dtype),
-            "time_s": time.perf_counter() - t}
+    out = {"delta_h": res.delta_h[:, 0].tolist(), "h_orig": float(res.h_orig),
+           "ess": res.ess[:, 0].tolist(), "khat": res.khat[:, 0].tolist(),
+           "retained": res.retained_mass[:, 0].tolist(), "compute_dtype": str(lm.compute_dtype)}
+    if slope:
+        fo = dh.delta_h_first_order(lm.params, dirs, ev, lm=lm, policy=pol, eta=1.0, mode="forward",
+                                    tf_batch_size=4, dir_chunk=1)
+        out["slope"] = float(fo.slope[0])
+    out["time_s"] = time.perf_counter() - t
+    return out
 
 
 def follows(dh_: float, lin: float, tol: float = 0.1) -> bool:
@@ -91,11 +109,16 @@ def run(kind: str, lr: float, warm_steps: int) -> dict[str, Any]:
     model, info = build_model(entropy=None if kind == "flat" else 2.0)
     lm = dh.FunctionalLM.from_model(model)
     pol = dh.SamplingPolicy(1.0, 1.0)
-    state = warm_state(model, lm, lr, pol, warm_steps, 64)
-    lm = dh.FunctionalLM.from_model(model)
+    t0 = time.perf_counter()
+    # every batch in one dh.sample call (decoding on a CPU is memory-bound: one pass per step for all
+    # rows): E = 2 prompts × 2, U and each warm-up batch = 2 prompts × 4 (64 + 64 tokens)
     with torch.no_grad():
-        ev = sample_batch(lm, 4, 64, 64, 2, 1, pol)
-        up = sample_batch(lm, 8, 64, 64, 4, 2, pol)
+        allb = sample_batch(lm, 8 * (2 + warm_steps), 64, 64, 4, 1, pol)
+    ev = allb.select([0, 1, 4, 5])
+    up = allb.select(list(range(8, 16)))
+    warm = [allb.select(list(range(16 + 8 * s, 24 + 8 * s))) for s in range(warm_steps)]
+    state = warm_state(model, lm, lr, warm, 4)
+    lm = dh.FunctionalLM.from_model(model)
     ud = dh.update_directions(lm, lm.params, up, group_advantages(8, 4, 3), state, loss_type="dapo",
                               max_grad_norm=1.0, seq_chunk=2)
     u = ud.full
@@ -103,25 +126,32 @@ def run(kind: str, lr: float, warm_steps: int) -> dict[str, Any]:
                            "lr_ref": ud.lr_ref, "n": len(ev), "scored_tokens": int(ev.n_tokens.sum()),
                            "u_rms": math.sqrt(sum(float(t.double().pow(2).sum()) for t in u.values())
                                               / sum(t.numel() for t in u.values())),
-                           "dtypes": {}}
+                           "setup_s": time.perf_counter() - t0, "dtypes": {}}
     ref = sweep(as_dtype(model, torch.float64), ev, u, pol)
     out["dtypes"]["float64"] = ref
     ok64 = [follows(d, e * ref["slope"]) for d, e in zip(ref["delta_h"], GRID, strict=True)]
     # the largest η of the linear regime: the float64 ΔH follows δH₁ there
     upper = max((i for i, o in enumerate(ok64) if o), default=len(GRID) - 1)
     out["linear_regime_eta_max"] = GRID[upper]
+    n = len(ev)
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        r = sweep(model if dt == torch.float32 else as_dtype(model, dt), ev, u, pol)
-        n = len(ev)
+        m = model if dt == torch.float32 else as_dtype(model, dt)
+        r = sweep(m, ev, u, pol)
+        with float32_statistics():
+            before = sweep(m, ev, u, pol, slope=False)
+        r["delta_h_float32_statistics"] = before["delta_h"]
         tr = trust_range(GRID, r["delta_h"], r["slope"], r["ess"], r["khat"], r["retained"], n, 0.7,
                          noise=rounding_noise(name, r["h_orig"], n), check_retained=False)
         r["floor"] = floor_of(r["delta_h"], r["slope"], upper)
+        r["floor_float32_statistics"] = floor_of(before["delta_h"], r["slope"], upper)
         r["floor_vs_float64"] = floor_of(r["delta_h"], ref["slope"], upper)
         r["trust_precision_floor"] = tr.precision_floor
         r["trust_eta_min"] = tr.eta_min
+        r["trust_noise"] = tr.noise
         r["ratio_to_first_order"] = [d / (e * r["slope"]) for d, e in zip(r["delta_h"], GRID, strict=True)]
         out["dtypes"][name] = r
-        print(f"{kind} {name}: floor {r['floor']:.3g} (vs float64 slope {r['floor_vs_float64']:.3g}; "
+        print(f"{kind} {name}: floor {r['floor']:.3g} (float32 statistics: "
+              f"{r['floor_float32_statistics']:.3g}; vs float64 slope {r['floor_vs_float64']:.3g}; "
               f"trust_range {tr.precision_floor:.3g}); lr {lr:g}", flush=True)
     out["grid"] = GRID
     return out

@@ -39,6 +39,17 @@ from deltaH.errors import ArgumentError
 _Stats = tuple[Tensor, Tensor, "Tensor | None"]  # (log q, H, nucleus key)
 
 
+# The dtype of :meth:`SamplingPolicy.token_stats` (module docstring, "Precision"); ``None`` would mean
+# :func:`compute_dtype` of the logits, this project's earlier choice (benchmarks/bench_precision.py
+# measures both).
+_STATS_DTYPE: torch.dtype | None = torch.float64
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of :meth:`SamplingPolicy.token_stats`: ``_STATS_DTYPE``, or :func:`compute_dtype`."""
+    return compute_dtype(dtype) if _STATS_DTYPE is None else _STATS_DTYPE
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the log-prob and entropy math for logits of ``dtype``: float64 for float64
     logits, float32 for everything else (float32, and bf16/fp16, which are upcast)."""
@@ -158,7 +169,7 @@ class SamplingPolicy:
 
     def _stats_autograd(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
         """The differentiable twin of :meth:`_stats_fast` (plain masked log-sum-exps)."""
-        cd = torch.float64  # not compute_dtype(): see the module docstring (precision)
+        cd = _stats_dtype(logits.dtype)  # float64 (module docstring, precision)
         shape = targets.shape
         z = logits.reshape(-1, logits.shape[-1]).to(cd)
         if self.temperature != 1.0:
@@ -198,7 +209,7 @@ class SamplingPolicy:
 
     def _stats_fast(self, logits: Tensor, targets: Tensor, keyed: bool) -> _Stats:
         """:meth:`token_stats` without autograd, a few rows at a time (see the docstring there)."""
-        cd, v = torch.float64, logits.shape[-1]  # not compute_dtype(): module docstring (precision)
+        cd, v = _stats_dtype(logits.dtype), logits.shape[-1]  # float64 (module docstring, precision)
         x, y = logits.reshape(-1, v), targets.reshape(-1)
         n = x.shape[0]
         logq = torch.empty(n, dtype=cd, device=x.device)
