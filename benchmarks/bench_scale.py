@@ -342,7 +342,7 @@ def plan(mode: str) -> list[dict[str, Any]]:
     if mode == "quick":
         return [{**BASE, "axis": "base", "stages": every}]
     pts = [{**BASE, "axis": "base", "stages": list(STAGES)}]
-    for n in (8, 16):
+    for n in (8, 16, 32):
         pts.append({**BASE, "n_e": n, "axis": "n_e", "stages": E_SIDE})
     for t in (32, 64):
         pts.append({**BASE, "resp": t, "axis": "t", "stages": every})
