@@ -1,11 +1,14 @@
 """One cache for every expensive stage of a run, so ``--resume`` redoes only unfinished stages.
 
-A stage's output is a frozen dataclass (or a tree of them) of tensors, arrays and plain values.
-It is saved to ``<run>/cache/<stage>.pt`` with ``torch.save`` and read back with
-``torch.load(weights_only=True)``: dataclasses are packed as ``{"__dc__": "module:Name", ...}``
-and only deltaH's own classes are rebuilt. Each entry carries its **key**: a hash of the part of
-the resolved config the stage reads, the checkpoint's fingerprint (file names, sizes and mtimes)
-and the keys of the stages it consumes. An entry whose key differs is a miss, never a wrong hit.
+A stage's output is a frozen dataclass (or a tree of them) of tensors, arrays and plain values. It
+is saved to ``<run>/cache/<stage>.pt`` with ``torch.save`` and read back with
+``torch.load(weights_only=True)``: dataclasses are packed as ``{"__dc__": "module:Name", ...}`` and
+only deltaH's own classes are rebuilt. A tensor that lived on an accelerator is stored on the CPU
+with a mark (``{"__dev__": tensor}``) and comes back on the run's device
+(``StageCache(device=...)``), so a resumed GPU run gets its cached values where it computed them;
+CPU tensors stay on the CPU. Each entry carries its **key**: a hash of the part of the resolved
+config the stage reads, the checkpoint's fingerprint (file names, sizes and mtimes) and the keys of
+the stages it consumes. An entry whose key differs is a miss, never a wrong hit.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def pack(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return {"__np__": torch.from_numpy(np.ascontiguousarray(x))}
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
+        return x.detach() if x.device.type == "cpu" else {"__dev__": x.detach().cpu()}
     if isinstance(x, Mapping):
         return {"__map__": [[pack(k), pack(v)] for k, v in x.items()]}
     if isinstance(x, tuple):
@@ -74,25 +77,28 @@ def pack(x: Any) -> Any:
     raise TypeError(f"cache: cannot store a {type(x).__name__}")
 
 
-def unpack(x: Any) -> Any:
-    """Inverse of :func:`pack`; rebuilds only classes defined in the ``deltaH`` package."""
+def unpack(x: Any, device: torch.device | str | None = None) -> Any:
+    """Inverse of :func:`pack`; rebuilds only classes defined in the ``deltaH`` package. Tensors
+    packed from an accelerator go to ``device`` (this process's device; ``None``: stay on the CPU)."""
     if isinstance(x, list):
-        return [unpack(v) for v in x]
+        return [unpack(v, device) for v in x]
     if not isinstance(x, dict):
         return x
+    if "__dev__" in x:
+        return x["__dev__"] if device is None else x["__dev__"].to(device)
     if "__np__" in x:
         return x["__np__"].numpy()
     if "__tuple__" in x:
-        return tuple(unpack(v) for v in x["__tuple__"])
+        return tuple(unpack(v, device) for v in x["__tuple__"])
     if "__map__" in x:
-        return {unpack(k): unpack(v) for k, v in x["__map__"]}
+        return {unpack(k, device): unpack(v, device) for k, v in x["__map__"]}
     mod, _, qual = x["__dc__"].partition(":")
     if mod.split(".")[0] != "deltaH":
         raise TypeError(f"cache: refusing to rebuild {x['__dc__']} (not a deltaH class)")
     cls: Any = importlib.import_module(mod)
     for part in qual.split("."):
         cls = getattr(cls, part)
-    return cls(**{k: unpack(v) for k, v in x.items() if k != "__dc__"})
+    return cls(**{k: unpack(v, device) for k, v in x.items() if k != "__dc__"})
 
 
 MAX_BYTES = 2 << 30  # a stage output larger than this (e.g. N_U directions of a large model) is recomputed
@@ -120,8 +126,10 @@ class StageCache:
         folder: str | Path | None,
         on_stage: Callable[[str, str], None] | None = None,
         max_bytes: int = MAX_BYTES,
+        device: torch.device | str | None = None,
     ):
         self.folder = None if folder is None else Path(folder)
+        self.device = device  # where accelerator tensors of a hit (or a broadcast) come back
         self.on_stage = on_stage
         self.max_bytes = max_bytes
         self.events: list[tuple[str, str]] = []
@@ -136,6 +144,12 @@ class StageCache:
             self.on_stage(name, what)
 
     def get(self, name: str, key: str) -> Any | None:
+        """The stored value of ``name`` if its key matches, else None."""
+        blob = self._blob(name, key)
+        return None if blob is None else unpack(blob, self.device)
+
+    def _blob(self, name: str, key: str) -> Any | None:
+        """The packed value of ``name`` if its key matches (:func:`pack`'s form), else None."""
         if self.folder is None:
             return None
         path = self.folder / f"{name}.pt"
@@ -145,7 +159,7 @@ class StageCache:
         if blob.get("key") != key:
             log.info("cache: %s is stale (its inputs changed); recomputing", name)
             return None
-        return unpack(blob["value"])
+        return blob["value"]
 
     def put(self, name: str, key: str, value: Any) -> None:
         if self.folder is None:
@@ -173,10 +187,11 @@ class StageCache:
 
         assert where in ("all", "main", "main_only"), where
         self._event(name, "start")
-        hit = self.get(name, key)
+        hit = self._blob(name, key)  # packed: it travels to the other ranks as it was stored
         if distributed.broadcast(hit is not None):
             if where != "main_only":
-                hit = distributed.broadcast(hit)
+                hit = distributed.broadcast_packed(hit)
+            hit = unpack(hit, self.device)
             log.info("%s: loaded from the run's cache", name)
             self._event(name, "cached")
             return hit  # type: ignore[return-value,no-any-return]
@@ -184,7 +199,7 @@ class StageCache:
         if where != "all":
             distributed.after_main()  # the others wait for rank 0 outside the collective timeout
         if where == "main":
-            value = distributed.broadcast(value)
+            value = distributed.broadcast(value, self.device)
         self.put(name, key, value)
         self._event(name, "computed")
         return value  # type: ignore[return-value,no-any-return]

@@ -80,19 +80,27 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def broadcast(obj: T) -> T:
+def broadcast(obj: T, device: torch.device | str | None = None) -> T:
     """Rank 0's ``obj`` on every rank (``obj`` itself in one process; other ranks may pass None).
 
     Tensors travel on the CPU, packed as the stage cache stores them, so a receiving rank gets what a
-    cache hit would give it.
+    cache hit would give it: tensors rank 0 held on its accelerator arrive on ``device`` (this
+    rank's own, e.g. ``cuda:LOCAL_RANK``), CPU tensors on the CPU.
     """
     if not _dist.active():
         return obj
     from deltaH.runner.cache import pack, unpack
 
-    box = [pack(obj) if dist.get_rank() == 0 else None]
+    return unpack(broadcast_packed(pack(obj) if dist.get_rank() == 0 else None), device)  # type: ignore[no-any-return]
+
+
+def broadcast_packed(packed: Any) -> Any:
+    """Rank 0's already :func:`~deltaH.runner.cache.pack`-ed value on every rank, still packed."""
+    if not _dist.active():
+        return packed
+    box = [packed if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return unpack(box[0])  # type: ignore[no-any-return]
+    return box[0]
 
 
 def after_main() -> None:

@@ -234,7 +234,7 @@ def analyse_checkpoint(
     torch.manual_seed(cfg.seed)
     inp = load_inputs(cfg, ckpt_path, quiet or not distributed.is_main())
     timings["load"] = time.perf_counter() - t0
-    cache = StageCache(None if rd is None else rd.path / "cache", on_stage)
+    cache = StageCache(None if rd is None else rd.path / "cache", on_stage, device=inp.lm.device)
     keys = stage_keys(cfg, fingerprint(ckpt_path), source_fingerprints(inp.source))
 
     def stage(name: str, fn: Callable[[], Any], enabled: bool = True, where: str = "all") -> Any:

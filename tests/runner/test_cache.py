@@ -36,6 +36,29 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert back["t"] == (1, "a", None, 2.5) and back["nested"] == [{"k": float("inf")}]
 
 
+def test_accelerator_tensors_come_back_on_the_runs_device(tmp_path: Path) -> None:
+    """A tensor packed from an accelerator is marked; a hit (or a broadcast) puts it on this process's
+    device, while CPU tensors stay on the CPU. ``meta`` stands in for ``cuda:LOCAL_RANK`` here (no
+    CUDA on the test machine): the mapping is what is tested; the CUDA round trip is below."""
+    x = torch.arange(3.0)
+    packed = {"__map__": [["gpu", {"__dev__": x}], ["cpu", x]]}
+    back = unpack(packed, "meta")
+    assert back["gpu"].device.type == "meta" and back["cpu"].device.type == "cpu"
+    assert unpack(packed)["gpu"].device.type == "cpu"  # no device given: stays where it was loaded
+    cache = StageCache(tmp_path, device="meta")
+    cache.put("s", "k", {"x": x})  # a CPU tensor is not marked, so it stays on the CPU
+    assert cache.get("s", "k")["x"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip(tmp_path: Path) -> None:
+    cache = StageCache(tmp_path, device="cuda:0")
+    x = torch.randn(4, device="cuda:0")
+    cache.put("s", "k", {"x": x, "c": torch.ones(2)})
+    back = cache.get("s", "k")
+    assert back["x"].device.type == "cuda" and torch.equal(back["x"], x) and back["c"].device.type == "cpu"
+
+
 def test_a_changed_key_is_a_miss_and_the_value_is_recomputed(tmp_path: Path) -> None:
     cache = StageCache(tmp_path)
     calls: list[int] = []
