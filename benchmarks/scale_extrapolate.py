@@ -14,7 +14,9 @@ output:
   (an upper bound: compaction pads each chunk to its longest row);
 * the run's calls: a 9-η probe with K = 1, a sweep of ``n_points + 1`` η with K = 4, δH₁ (forward
   mode, K = 4), influence (true: N_U columns; first order: forward mode, K = N_U), per-sequence
-  gradients of U, the proxy (one forward of U); no kernel (off in the config);
+  gradients of U, the proxy (one forward of U), token influence (one reverse pass over E, one jvp
+  over U), controls (the entropy bonus's gradient: one reverse pass over U, then δH₁ along it over
+  E); no kernel (off in the config);
 * FLOPs of a forward: ``2·(non-embedding parameters)`` per token plus ``2·D·V`` per scored
   position (the head) plus attention ``4·layers·D·T`` per token;
 * GPU: 989 TFLOP/s dense bf16 (H100 SXM and H200 datasheets), at 35 % utilisation for every
@@ -64,7 +66,9 @@ def multipliers(pt: dict[str, Any]) -> dict[str, float]:
            "fo_forward_per_direction": st["fo_forward"]["cpu_s"] / fwd_e / p["k"],
            "influence_true_per_column": st["influence_true"]["cpu_s"] / fwd_e / p["n_u"],
            "influence_fo_per_column": st["influence_fo"]["cpu_s"] / fwd_e / p["n_u"],
-           "directions": st["directions"]["cpu_s"] / fwd_u}
+           "directions": st["directions"]["cpu_s"] / fwd_u,
+           # reverse mode costs one backward whatever K (flat in K): per call, not per direction
+           "fo_reverse_per_call": st["fo_reverse"]["cpu_s"] / fwd_e}
     return out
 
 
@@ -101,6 +105,10 @@ def extrapolate(pt: dict[str, Any], n_points: int = 9, prompt: int = 120, resp: 
         f"influence, true ({n_u} columns)": n_u * m["influence_true_per_column"] * f_e,
         f"influence, first order ({n_u} columns)": n_u * m["influence_fo_per_column"] * f_e,
         "covariance proxy (one forward of U)": f_u,
+        "token influence (reverse over E, jvp over U)": m["fo_reverse_per_call"] * f_e
+        + m["fo_forward_per_direction"] * f_u,
+        "controls (entropy-bonus gradient over U, δH₁ along it)": m["fo_reverse_per_call"] * f_u
+        + m["fo_forward_per_direction"] * f_e,
     }
     t_dec = sum(decode_seconds(QWEN15, r, prompt, resp, UTIL) for r in (n_e, n_u))
     t_dec_low = sum(decode_seconds(QWEN15, r, prompt, resp, UTIL_LOW) for r in (n_e, n_u))
