@@ -222,7 +222,8 @@ def share_plan(ids: Tensor, resp: Tensor, lengths: Tensor, always: bool = False)
     keep = torch.cat([own.unsqueeze(1).expand(n, ls, lp), causal.expand(n, ls, ls)], 2).unsqueeze(1)
     tt = t.unsqueeze(0)
     from_prompt = group.unsqueeze(1) * lp + tt.clamp(max=lp - 1)
-    from_suffix = g * lp + torch.arange(n, device=dev).unsqueeze(1) * ls + (tt - plen.unsqueeze(1)).clamp(0, ls - 1)
+    row = torch.arange(n, device=dev).unsqueeze(1)
+    from_suffix = g * lp + row * ls + (tt - plen.unsqueeze(1)).clamp(0, ls - 1)
     gather = torch.where(tt < plen.unsqueeze(1), from_prompt, from_suffix).flatten()
     return SharePlan(
         prompt_ids=prompt_ids,

@@ -43,6 +43,7 @@ class _Split(nn.Module):
             out = self._parts["backbone"](input_ids=x, position_ids=position_ids, use_cache=False)
             return out[0] if isinstance(out, tuple) else out.last_hidden_state
         if part == "shared":  # prompts once, then every row's suffix against its prompt's cache
+            assert position_ids is not None
             return self._shared(x, position_ids, **kw)
         if part == "step":  # incremental decoding with a KV cache (the sampler)
             out = self.model(input_ids=x, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kw)
@@ -58,7 +59,7 @@ class _Split(nn.Module):
         out = backbone(input_ids=prompt_ids, position_ids=prompt_pos, use_cache=True)
         cache = getattr(out, cache_kw, None)
         layers = getattr(cache, "layers", None)
-        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        if cache is None or layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
             raise NotImplementedError(
                 f"the model's KV cache ({type(cache).__name__}) is not a plain DynamicCache of full-"
                 "attention layers (sliding window, linear attention or a custom cache)"
