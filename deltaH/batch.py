@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH._choices import SHARE_PROMPTS
 from deltaH.errors import BatchError
 
 
@@ -155,7 +156,7 @@ class Compact:
 
 #: ``share`` of :func:`compact`: ``off`` (one plain forward), ``auto`` (share where it saves at
 #: least a tenth of the token-forwards), ``on`` (share wherever two rows have the same prompt).
-SHARE_MODES = ("off", "auto", "on")
+SHARE_MODES = SHARE_PROMPTS
 
 
 def compact(batch: SequenceBatch, share: str = "off") -> Compact:

@@ -38,6 +38,7 @@ from deltaH._choices import (
     LOSS_TYPES,
     NAMED_TEMPLATES,
     SCALE_REWARDS,
+    SHARE_PROMPTS,
     UPDATE_SOURCES,
 )
 from deltaH._config_checks import (
@@ -322,6 +323,11 @@ class ComputeConfig:
     head_chunk: int | None = _opt(None, (
         "Scored positions per LM-head call; null = sized from the vocabulary and directions"),
         _number(1, integer=True, nullable=True))
+    share_prompts: str = _opt("auto", (
+        "Teacher forcing runs each prompt once per chunk and reuses its keys and values for the rows "
+        "that share it (same results up to rounding): auto = where a chunk's rows repeat a prompt "
+        "and that saves a tenth of the token-forwards, on = wherever a prompt repeats (an error on a "
+        "model without a plain KV cache), off = never"), _choice(*SHARE_PROMPTS))
 
     def __post_init__(self) -> None:
         _validate(self, "compute")
