@@ -38,10 +38,10 @@ from deltaH._choices import (
     LOSS_TYPES,
     NAMED_TEMPLATES,
     SCALE_REWARDS,
-    SHARE_PROMPTS,
     UPDATE_SOURCES,
 )
 from deltaH._config_checks import (
+    _auto_on_off,
     _boolean,
     _Check,
     _check_keys,
@@ -327,7 +327,7 @@ class ComputeConfig:
         "Teacher forcing runs each prompt once per chunk and reuses its keys and values for the rows "
         "that share it (same results up to rounding): auto = where a chunk's rows repeat a prompt "
         "and that saves a tenth of the token-forwards, on = wherever a prompt repeats (an error on a "
-        "model without a plain KV cache), off = never"), _choice(*SHARE_PROMPTS))
+        "model without a plain KV cache), off = never"), _Check("one of: auto, on, off", _auto_on_off))
 
     def __post_init__(self) -> None:
         _validate(self, "compute")
