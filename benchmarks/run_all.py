@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import bench_kernel
 
     bench_kernel.main(["--out", os.path.join(args.out, "kernel.json"), *q])
+    from benchmarks import bench_prompts
+
+    bench_prompts.main(["--out", os.path.join(args.out, "prompts.json"), *q])
     return 0
 
 

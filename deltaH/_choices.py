@@ -42,6 +42,10 @@ KERNEL_METHODS = ("exact", "projection")
 #: The decompositions of the AdamW step, in the order of ``UpdateDirections.stacked()``.
 DECOMPOSITIONS = ("full", "baseline", "grad", "baseline+grad")
 
+#: ``compute.share_prompts`` / ``share_prompts=``: run repeated prompts once per teacher-forcing
+#: chunk (:func:`deltaH.stats.share_mode`).
+SHARE_PROMPTS = ("off", "auto", "on")
+
 #: ``output.detail``: how much a run writes.
 DETAIL_LEVELS = ("minimal", "standard", "detailed", "debug")
 

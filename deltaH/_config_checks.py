@@ -226,6 +226,16 @@ def _dir_chunk(v: Any) -> str | int:
     return int(v)
 
 
+def _auto_on_off(v: Any) -> str:
+    """``auto``, ``on`` or ``off``; YAML 1.1 reads unquoted ``on``/``off`` as booleans, so ``True``
+    and ``False`` mean ``on`` and ``off``."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v not in ("auto", "on", "off"):
+        raise _Invalid
+    return str(v)
+
+
 def _opt(default: Any, help: str, check: _Check) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 

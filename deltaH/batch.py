@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltaH._choices import SHARE_PROMPTS
 from deltaH.errors import BatchError
 
 
@@ -92,12 +93,46 @@ class SequenceBatch:
 
 
 @dataclass(frozen=True)
+class SharePlan:
+    """How a compacted chunk ``[n, L]`` runs with each distinct prompt once (shared prompts).
+
+    The prompt of row ``i`` is its tokens before its first scored position, ``prompt_len [n]``
+    long; rows with identical prompts form a group, ``group [n]`` indexes the ``g`` distinct
+    prompts. The chunk's hidden states are then, for every row ``i`` and position ``t``::
+
+        h[i, t] = prompt pass  P[group_i, t]               t <  prompt_len_i
+                  suffix pass  S[i, t − prompt_len_i]      t >= prompt_len_i
+
+    where the prompt pass runs ``prompt_ids [g, Lp]`` (right-padded, positions ``0..``) once and
+    caches its keys and values, and the suffix pass runs ``suffix_ids [n, Ls]`` (positions
+    ``prompt_len_i + j``) against row ``i``'s copy of its group's cache under ``keep [n, 1, Ls,
+    Lp + Ls]`` (True = attend): the row's own prompt slots ``< prompt_len_i`` and the suffix
+    causally. ``gather [n·L]`` indexes the concatenation ``[P.flatten(0, 1), S.flatten(0, 1)]``
+    (``[g·Lp + n·Ls, D]``) to give ``h`` in the compact layout.
+    """
+
+    prompt_ids: Tensor
+    prompt_pos: Tensor
+    suffix_ids: Tensor
+    suffix_pos: Tensor
+    group: Tensor
+    prompt_len: Tensor
+    keep: Tensor
+    gather: Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+
+@dataclass(frozen=True)
 class Compact:
     """A chunk in compact right-padded form (see module docstring).
 
     ``ids [n, L]`` (padding filled with the row's last token id), ``position_ids [n, L]``, and the
     scored positions as flat index tensors: row ``rows [P]``, the position whose logits predict
-    the token ``pred_pos [P]``, and the token ``targets [P]``.
+    the token ``pred_pos [P]``, and the token ``targets [P]``. ``share`` is the chunk's
+    :class:`SharePlan` when its prompts run once per group, else ``None`` (one plain forward).
     """
 
     ids: Tensor
@@ -106,6 +141,7 @@ class Compact:
     pred_pos: Tensor
     targets: Tensor
     n: int
+    share: SharePlan | None = None
 
     def per_sequence(self, tok: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
         """Sum token values ``[..., P]`` (one per scored position) into sequences ``[..., n]``.
@@ -118,8 +154,19 @@ class Compact:
         return out.index_add(tok.dim() - 1, self.rows, tok)
 
 
-def compact(batch: SequenceBatch) -> Compact:
-    """Move each row's attended tokens to the left, in order, and list the scored positions."""
+#: ``share`` of :func:`compact`: ``off`` (one plain forward), ``auto`` (share where it saves at
+#: least a tenth of the token-forwards), ``on`` (share wherever two rows have the same prompt).
+SHARE_MODES = SHARE_PROMPTS
+
+
+def compact(batch: SequenceBatch, share: str = "off") -> Compact:
+    """Move each row's attended tokens to the left, in order, and list the scored positions.
+
+    With ``share`` ``"auto"`` or ``"on"`` (:data:`SHARE_MODES`) the chunk also carries a
+    :class:`SharePlan` where two or more rows have the same prompt (``auto``: only where the
+    prompt pass plus the suffix pass, ``g·Lp + n·Ls`` token-forwards, cost at most nine tenths of
+    the plain ``n·L``).
+    """
     am, rm, ids = batch.attention_mask, batch.response_mask, batch.input_ids
     n = ids.shape[0]
     lengths = am.sum(1)
@@ -134,6 +181,7 @@ def compact(batch: SequenceBatch) -> Compact:
     # Padding gets a real token id (never attended by valid positions under causal attention).
     c_ids = torch.where(valid, c_ids, c_ids[:, :1])
     rows, cols = c_resp.nonzero(as_tuple=True)
+    plan = None if share == "off" else share_plan(c_ids, c_resp, lengths, share == "on")
     return Compact(
         ids=c_ids,
         position_ids=pos.contiguous(),
@@ -141,4 +189,50 @@ def compact(batch: SequenceBatch) -> Compact:
         pred_pos=cols - 1,
         targets=c_ids[rows, cols],
         n=n,
+        share=plan,
+    )
+
+
+def share_plan(ids: Tensor, resp: Tensor, lengths: Tensor, always: bool = False) -> SharePlan | None:
+    """The :class:`SharePlan` of a compacted chunk (``ids, resp [n, L]``, ``lengths [n]``), or
+    ``None`` when no two rows share a prompt (or, unless ``always``, when sharing would not save a
+    tenth of the token-forwards)."""
+    n, length = ids.shape
+    dev = ids.device
+    t = torch.arange(length, device=dev)
+    plen = torch.where(resp, t, length).amin(1)  # first scored position = prompt length (>= 1)
+    lp = int(plen.max())
+    # Distinct prompts: the prompt ids with -1 after each row's prompt, and the length itself.
+    key = torch.where(t[:lp] < plen.unsqueeze(1), ids[:, :lp], -1)
+    uniq, group = torch.unique(torch.cat([plen.unsqueeze(1), key], 1), dim=0, return_inverse=True)
+    g = int(uniq.shape[0])
+    ls = int((lengths - plen).max())
+    if g == n or (not always and 10 * (g * lp + n * ls) > 9 * n * length):
+        return None
+    # One row of each group holds its prompt; its padding repeats the prompt's first token.
+    first = torch.full((g,), n, dtype=torch.long, device=dev).scatter_reduce(
+        0, group, torch.arange(n, device=dev), "amin")
+    p_len = plen[first]
+    prompt_ids = torch.where(t[:lp] < p_len.unsqueeze(1), ids[first, :lp], ids[first, :1])
+    j = torch.arange(ls, device=dev)
+    src = (plen.unsqueeze(1) + j).clamp(max=length - 1)  # [n, Ls]; past a row's end: repeats the last
+    suffix_ids = ids.gather(1, src)
+    suffix_pos = plen.unsqueeze(1) + j
+    causal = j.unsqueeze(1) >= j.unsqueeze(0)  # [Ls, Ls]
+    own = t[:lp].unsqueeze(0) < plen.unsqueeze(1)  # [n, Lp]
+    keep = torch.cat([own.unsqueeze(1).expand(n, ls, lp), causal.expand(n, ls, ls)], 2).unsqueeze(1)
+    tt = t.unsqueeze(0)
+    from_prompt = group.unsqueeze(1) * lp + tt.clamp(max=lp - 1)
+    row = torch.arange(n, device=dev).unsqueeze(1)
+    from_suffix = g * lp + row * ls + (tt - plen.unsqueeze(1)).clamp(0, ls - 1)
+    gather = torch.where(tt < plen.unsqueeze(1), from_prompt, from_suffix).flatten()
+    return SharePlan(
+        prompt_ids=prompt_ids,
+        prompt_pos=t[:lp].expand(g, lp).contiguous(),
+        suffix_ids=suffix_ids,
+        suffix_pos=suffix_pos,
+        group=group,
+        prompt_len=plen,
+        keep=keep,
+        gather=gather,
     )

@@ -41,6 +41,7 @@ from deltaH._choices import (
     UPDATE_SOURCES,
 )
 from deltaH._config_checks import (
+    _auto_on_off,
     _boolean,
     _Check,
     _check_keys,
@@ -322,6 +323,11 @@ class ComputeConfig:
     head_chunk: int | None = _opt(None, (
         "Scored positions per LM-head call; null = sized from the vocabulary and directions"),
         _number(1, integer=True, nullable=True))
+    share_prompts: str = _opt("auto", (
+        "Teacher forcing runs each prompt once per chunk and reuses its keys and values for the rows "
+        "that share it (same results up to rounding): auto = where a chunk's rows repeat a prompt "
+        "and that saves a tenth of the token-forwards, on = wherever a prompt repeats (an error on a "
+        "model without a plain KV cache), off = never"), _Check("one of: auto, on, off", _auto_on_off))
 
     def __post_init__(self) -> None:
         _validate(self, "compute")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltaH.batch import Compact, SharePlan
 from deltaH.errors import ArgumentError, BatchError, CheckpointError, ParameterNameError
 
 _ATTN_OK = ("eager", "sdpa")
@@ -41,11 +42,35 @@ class _Split(nn.Module):
         if part == "backbone":
             out = self._parts["backbone"](input_ids=x, position_ids=position_ids, use_cache=False)
             return out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if part == "shared":  # prompts once, then every row's suffix against its prompt's cache
+            assert position_ids is not None
+            return self._shared(x, position_ids, **kw)
         if part == "step":  # incremental decoding with a KV cache (the sampler)
             out = self.model(input_ids=x, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kw)
             # Read the cache back under the name it was passed as (``cache`` or ``past_key_values``).
             return out.logits[:, -1], getattr(out, "cache" if "cache" in kw else "past_key_values")
         return self._parts["head"](x)
+
+    def _shared(self, prompt_ids: Tensor, prompt_pos: Tensor, *, suffix_ids: Tensor, suffix_pos: Tensor,
+                group: Tensor, mask: Tensor, gather: Tensor, cache_kw: str) -> Tensor:
+        """Hidden states ``[n, L, D]`` of a :class:`~deltaH.batch.SharePlan` (only tensors leave:
+        the cache is built and consumed here, so this runs under vmap and jvp)."""
+        backbone = self._parts["backbone"]
+        out = backbone(input_ids=prompt_ids, position_ids=prompt_pos, use_cache=True)
+        cache = getattr(out, cache_kw, None)
+        layers = getattr(cache, "layers", None)
+        if cache is None or layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise NotImplementedError(
+                f"the model's KV cache ({type(cache).__name__}) is not a plain DynamicCache of full-"
+                "attention layers (sliding window, linear attention or a custom cache)"
+            )
+        cache.batch_select_indices(group)  # every row gets its group's keys and values
+        rest = backbone(input_ids=suffix_ids, position_ids=suffix_pos, attention_mask=mask,
+                        use_cache=True, **{cache_kw: cache})
+        hp, hs = out.last_hidden_state, rest.last_hidden_state
+        n, length = suffix_ids.shape[0], gather.shape[0] // suffix_ids.shape[0]
+        flat = torch.cat([hp.flatten(0, 1), hs.flatten(0, 1)], 0)
+        return flat.index_select(0, gather).unflatten(0, (n, length))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -115,6 +140,8 @@ class FunctionalLM:
     _split: _Split | None = field(default=None, repr=False)
     _attn: str = "eager"
     _cache_kw: str = "past_key_values"
+    #: Why prompts cannot be shared (:meth:`backbone_shared`) on this model; "" when they can.
+    share_unsupported: str = ""
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -169,6 +196,7 @@ class FunctionalLM:
             _cache_kw=_cache_kwarg(inner),
         )
         lm.vocab_size = lm._probe(inner)
+        lm.share_unsupported = lm._probe_sharing(inner)
         return lm
 
     def _probe(self, inner: nn.Module) -> int:
@@ -185,6 +213,32 @@ class FunctionalLM:
                 "architecture post-processes logits, e.g. soft-capping); deltaH does not support it yet"
             )
         return int(got.shape[-1])
+
+    def _probe_sharing(self, inner: nn.Module) -> str:
+        """Why :meth:`backbone_shared` cannot run on this model ("" when it reproduces :meth:`backbone`
+        on a 3-row probe: two rows with one prompt, one with a shorter prompt)."""
+        cfg = inner.config
+        kinds = set(getattr(cfg, "layer_types", None) or ())
+        if kinds - {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+            return f"its layers are not all full attention ({sorted(kinds) or 'use_sliding_window'})"
+        from deltaH.batch import SequenceBatch, compact
+
+        dev, vocab = self.device, int(getattr(cfg, "vocab_size", 3))
+        ids = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 4, 3], [0, 1, 3, 2, 1]], device=dev) % vocab
+        resp = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]], device=dev).bool()
+        c = compact(SequenceBatch(ids, torch.ones_like(resp), resp), share="on")
+        try:
+            with torch.no_grad():
+                ref = self.backbone(self.params, c.ids, c.position_ids)[c.rows, c.pred_pos]
+                got = self.hidden(self.params, c)[c.rows, c.pred_pos]
+        except Exception as err:  # noqa: BLE001 - any failure means: do not share on this model
+            return f"its forward with a shared KV cache failed ({type(err).__name__}: {err})"
+        # The two forwards sum attention over different (masked) slots: rounding of the model's dtype,
+        # a few ulps of the largest hidden value (bf16: 8·eps = 6%); a wrong cache or mask is O(1).
+        tol = max(1e-3, 8 * torch.finfo(ref.dtype).eps) * float(ref.float().abs().max())
+        if not float((ref.float() - got.float()).abs().max()) <= tol:
+            return "its forward with a shared KV cache does not reproduce the plain forward"
+        return ""
 
     # -- the functional boundary -----------------------------------------------------------
     def check_names(self, tree: Mapping[str, Tensor], what: str = "params", stacked: bool = False) -> None:
@@ -231,6 +285,28 @@ class FunctionalLM:
     def backbone(self, params: Mapping[str, Tensor], ids: Tensor, position_ids: Tensor) -> Tensor:
         """Final hidden states ``[n, L, D]`` (after the last norm) at parameters ``params``."""
         return self._call(params, "backbone", ids, position_ids)
+
+    def hidden(self, params: Mapping[str, Tensor], c: Compact) -> Tensor:
+        """Final hidden states ``[n, L, D]`` of a compacted chunk: :meth:`backbone`, or with the
+        chunk's :class:`~deltaH.batch.SharePlan` each distinct prompt once (:meth:`backbone_shared`)."""
+        if c.share is None:
+            return self.backbone(params, c.ids, c.position_ids)
+        return self.backbone_shared(params, c.share)
+
+    def backbone_shared(self, params: Mapping[str, Tensor], plan: SharePlan) -> Tensor:
+        """:meth:`backbone` of a chunk with each distinct prompt run once (:class:`~deltaH.batch.SharePlan`).
+
+        The prompts ``[g, Lp]`` run with a KV cache; each row's copy of its group's keys and values
+        then serves its suffix ``[n, Ls]`` under an explicit 4-D mask (own prompt slots, causal
+        suffix), so every scored position sees exactly the keys and values of the plain forward.
+        Returns ``[n, L]``-layout hidden states ``[n, L, D]``.
+        """
+        dtype = self.compute_dtype
+        mask = torch.zeros(plan.keep.shape, dtype=dtype, device=plan.keep.device).masked_fill(
+            ~plan.keep, torch.finfo(dtype).min)
+        return self._call(params, "shared", plan.prompt_ids, plan.prompt_pos, suffix_ids=plan.suffix_ids,
+                          suffix_pos=plan.suffix_pos, group=plan.group, mask=mask, gather=plan.gather,
+                          cache_kw=self._cache_kw)
 
     def head(self, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
         """Logits ``[..., V]`` of hidden states ``[..., D]``."""

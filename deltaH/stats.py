@@ -12,6 +12,11 @@ positions at a time (never ``[N, T, V]``). With stacked directions ``dirs [K, ..
 ``η``, the backbone runs under ``vmap`` over the K shifted parameter sets ``θ + η·v_k`` (ids and
 masks stay unbatched, frozen weights are shared), and the head runs on ``[K, P, D]`` hidden
 states: one GEMM when the head is not perturbed. Sums are float64.
+
+Shared prompts (``share_prompts``, :func:`share_mode`): where rows of a chunk have the same prompt
+(the tokens before the first scored one), the prompt runs once and its keys and values serve every
+row's response (:meth:`FunctionalLM.hidden`); the scored positions see the same keys and values
+as in the plain forward, so the statistics are the same up to rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deltaH.batch import Compact, SequenceBatch, compact
+from deltaH._choices import check_choice
+from deltaH.batch import SHARE_MODES, Compact, SequenceBatch, compact
 from deltaH.errors import ArgumentError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, scaled_logits
@@ -62,12 +68,31 @@ class SequenceStats:
         return self.pick(self.entropy, self.surprisal, entropy_mode)
 
 
-def chunks_of(batch: SequenceBatch, tf_batch_size: int) -> list[Compact]:
-    """The batch as compacted chunks of at most ``tf_batch_size`` sequences."""
+def share_mode(lm: FunctionalLM, share_prompts: str) -> str:
+    """``share_prompts`` (``auto | on | off``) resolved for ``lm``: ``auto`` becomes ``off`` on a model
+    whose prompts cannot be shared (:attr:`FunctionalLM.share_unsupported`), where ``on`` raises.
+
+    ``auto`` shares a chunk's prompts where that saves at least a tenth of its token-forwards,
+    ``on`` wherever two rows of a chunk have the same prompt (:func:`deltaH.batch.compact`).
+    """
+    check_choice("share_prompts", share_prompts, SHARE_MODES)
+    if share_prompts == "off" or not lm.share_unsupported:
+        return share_prompts
+    if share_prompts == "on":
+        raise ArgumentError(
+            f"share_prompts='on' but this model cannot share prompts: {lm.share_unsupported}; "
+            "use share_prompts='auto' or 'off' (compute.share_prompts in a config)"
+        )
+    return "off"
+
+
+def chunks_of(batch: SequenceBatch, tf_batch_size: int, share: str = "off") -> list[Compact]:
+    """The batch as compacted chunks of at most ``tf_batch_size`` sequences; ``share`` (already
+    resolved by :func:`share_mode`) gives chunks with repeated prompts a shared-prompt plan."""
     if int(tf_batch_size) < 1:
         raise ArgumentError(f"tf_batch_size must be >= 1, got {tf_batch_size!r}")
     n = len(batch)
-    return [compact(batch.select(slice(s, s + tf_batch_size))) for s in range(0, n, tf_batch_size)]
+    return [compact(batch.select(slice(s, s + tf_batch_size)), share) for s in range(0, n, tf_batch_size)]
 
 
 def head_rows(lm: FunctionalLM, k: int, head_chunk: int | None) -> int:
@@ -97,17 +122,17 @@ def chunk_token_stats(
     that differ from ``params``. Values are float64 (:meth:`SamplingPolicy.token_stats`).
     """
     if shifted is None:
-        hidden = lm.backbone(params, c.ids, c.position_ids).unsqueeze(0)  # [1, n, L, D]
+        hidden = lm.hidden(params, c).unsqueeze(0)  # [1, n, L, D]
     elif next(iter(shifted.values())).shape[0] == 1:
         # One direction: a plain call (no vmap). On CPU, vmap's batched LoRA products (bmm with a
         # small rank) cost more than they save, so dir_chunk=1 is the loop without any mutation.
         one = {k: v[0] for k, v in shifted.items()}
-        hidden = lm.backbone({**params, **one}, c.ids, c.position_ids).unsqueeze(0)
+        hidden = lm.hidden({**params, **one}, c).unsqueeze(0)
     else:
         base = {k: v for k, v in params.items() if k not in shifted}
 
         def run(sp: Mapping[str, Tensor]) -> Tensor:
-            return lm.backbone({**base, **sp}, c.ids, c.position_ids)
+            return lm.hidden({**base, **sp}, c)
 
         hidden = torch.func.vmap(run)(dict(shifted))  # [K, n, L, D]
     k = hidden.shape[0]
@@ -185,15 +210,17 @@ def sequence_stats(
     tf_batch_size: int = 16,
     head_chunk: int | None = None,
     nucleus_keys: bool = False,
+    share_prompts: str = "auto",
 ) -> SequenceStats:
     """Per-sequence ``log q``, RB entropy, surprisal and token counts at ``params`` (``[N]`` each).
 
     With ``nucleus_keys`` (top-p only) the result also carries every scored position's nucleus key.
+    ``share_prompts`` (``auto | on | off``, :func:`share_mode`): run each chunk's repeated prompts once.
 
     >>> st = sequence_stats(lm, lm.params, batch, policy=SamplingPolicy(0.7, 0.9))  # doctest: +SKIP
     """
     lm.check_names(params)
-    chunks = chunks_of(batch, tf_batch_size)
+    chunks = chunks_of(batch, tf_batch_size, share_mode(lm, share_prompts))
     lq, en, key = stats_of_chunks(lm, params, None, chunks, policy, head_chunk, keyed=nucleus_keys)
     return SequenceStats(logq=lq[0], entropy=en[0], surprisal=-lq[0], n_tokens=batch.n_tokens,
                          nucleus_key=None if key is None else key[0])
@@ -274,16 +301,18 @@ def token_diagnostics(
     policy: SamplingPolicy,
     eos_token_ids: Sequence[int] = (),
     tf_batch_size: int = 16,
+    share_prompts: str = "auto",
 ) -> TokenDiagnostics:
-    """Per-token diagnostics of ``q`` at ``params`` on every scored token (no gradients)."""
+    """Per-token diagnostics of ``q`` at ``params`` on every scored token (no gradients);
+    ``share_prompts`` as in :func:`sequence_stats`."""
     parts: dict[str, list[Tensor]] = {
         k: [] for k in ("row", "position", "logq", "entropy", "top1", "nucleus", "eos")
     }
     eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long)
     offset = 0
     with torch.no_grad():
-        for c in chunks_of(batch, tf_batch_size):
-            h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
+        for c in chunks_of(batch, tf_batch_size, share_mode(lm, share_prompts)):
+            h = lm.hidden(params, c)[c.rows, c.pred_pos]
             logits = lm.head(params, h)
             lq, en = policy.token_stats(logits, c.targets)
             keep = policy.nucleus_mask(logits)

@@ -58,6 +58,7 @@ def base_stats(
     policy: SamplingPolicy,
     tf_batch_size: int = 16,
     head_chunk: int | None = None,
+    share_prompts: str = "auto",
 ) -> SequenceStats:
     """θ-side statistics (:func:`deltaH.stats.sequence_stats`), checked: every sequence must have
     finite ``log q`` under θ.
@@ -66,7 +67,7 @@ def base_stats(
     :func:`~deltaH.estimators.true.delta_h_true_multi` can count the positions whose nucleus a step moves.
     """
     st = sequence_stats(lm, params, batch, policy=policy, tf_batch_size=tf_batch_size,
-                        head_chunk=head_chunk, nucleus_keys=True)
+                        head_chunk=head_chunk, nucleus_keys=True, share_prompts=share_prompts)
     bad = ~torch.isfinite(st.logq)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()[:5].tolist()

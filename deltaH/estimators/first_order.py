@@ -36,7 +36,7 @@ from deltaH.batch import Compact, SequenceBatch
 from deltaH.estimators._common import as_etas, base_stats, check_options, validate_dirs
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, scaled_logits
-from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows, token_cotangents
+from deltaH.stats import SequenceStats, chunk_token_stats, chunks_of, head_rows, share_mode, token_cotangents
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _forward_chunk(
     base = {n: t for n, t in params.items() if n not in tang}
 
     def backbone(p: Mapping[str, Tensor]) -> Tensor:
-        return lm.backbone({**base, **p}, c.ids, c.position_ids)
+        return lm.hidden({**base, **p}, c)
 
     def one(t: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         return torch.func.jvp(backbone, (prim,), (dict(t),))  # type: ignore[return-value]
@@ -187,7 +187,7 @@ def _reverse(
         p = {n: (params[n].detach().clone().requires_grad_(True) if n in grad else params[n]) for n in params}
         leaves = [p[n] for n in names]
         with torch.enable_grad():
-            h = su.lm.backbone(p, c.ids, c.position_ids)[c.rows, c.pred_pos]  # [P, D]
+            h = su.lm.hidden(p, c)[c.rows, c.pred_pos]  # [P, D]
         with torch.no_grad():
             _, c_lq, c_h = token_cotangents(su.lm, params, h.detach(), c.targets, su.policy.temperature,
                                             su.policy, entropy=rb, head_chunk=su.head_chunk)
@@ -299,6 +299,7 @@ def delta_h_first_order(
     second_order: bool = False,
     base: SequenceStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    share_prompts: str = "auto",
 ) -> FirstOrder:
     """δH₁ along K stacked directions (see the module docstring for the formulas).
 
@@ -306,6 +307,8 @@ def delta_h_first_order(
     (it needs per-sequence gradients). ``on_progress(done, total)``, if given, is called after
     each unit of work: a (direction chunk, sequence chunk) pair in forward mode, a sequence chunk
     in reverse mode (the second-order term is not counted). It does not change the result.
+    ``share_prompts`` (``auto | on | off``, :func:`deltaH.stats.share_mode`): run each chunk's
+    repeated prompts once, in forward and reverse mode and the second-order term.
     """
     check_choice("mode", mode, MODES)
     check_options(entropy_mode, dir_chunk)
@@ -313,12 +316,13 @@ def delta_h_first_order(
     lm.check_names(params)
     dirs = validate_dirs(lm, params, dirs)
     want_per_seq = (mode == "forward") if per_sequence is None else bool(per_sequence)
+    share = share_mode(lm, share_prompts)
     with torch.no_grad():
         if base is None:
-            base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
+            base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk, share)
     e = base.e(entropy_mode).double()
     n_total = _dist.count(e.shape[0], e.device)
-    su = _Setup(lm, params, chunks_of(batch, tf_batch_size), policy, head_chunk, entropy_mode, base,
+    su = _Setup(lm, params, chunks_of(batch, tf_batch_size, share), policy, head_chunk, entropy_mode, base,
                 e, _dist.sum_rows(e, 0) / n_total, n_total, on_progress)
     per_seq: Tensor | None
     stderr: Tensor | None
@@ -441,21 +445,24 @@ def entropy_gradient(
     names: Sequence[str] | None = None,
     base: SequenceStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    share_prompts: str = "auto",
 ) -> dict[str, Tensor]:
     """``X = ∇_θ F`` of the reverse mode (module docstring), float64, over ``names`` (default: every
     parameter of ``params``): ``X · v = dΔH/dη`` at ``η = 0`` along any direction ``v`` on ``batch``.
 
     One forward and one backward pass over the batch, whatever the number of directions later dotted
     with it (docs/math.md#token-influence uses it as the tangent of a forward-mode pass over U).
+    ``share_prompts`` as in :func:`delta_h_first_order`.
     """
     check_options(entropy_mode, 1)
     lm.check_names(params)
+    share = share_mode(lm, share_prompts)
     with torch.no_grad():
         if base is None:
-            base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
+            base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk, share)
     e = base.e(entropy_mode).double()
     n_total = _dist.count(e.shape[0], e.device)
-    su = _Setup(lm, params, chunks_of(batch, tf_batch_size), policy, head_chunk, entropy_mode, base,
+    su = _Setup(lm, params, chunks_of(batch, tf_batch_size, share), policy, head_chunk, entropy_mode, base,
                 e, _dist.all_sum(e.sum()) / n_total, n_total, on_progress)
     x, _ = _reverse(su, list(params) if names is None else list(names), per_sequence=False)
     return x

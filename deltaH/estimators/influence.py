@@ -34,6 +34,7 @@ from deltaH.estimators.first_order import delta_h_first_order
 from deltaH.estimators.true import delta_h_true_multi
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, trainer_logprob
+from deltaH.stats import share_mode
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def influence_matrix(
     """Per-(evaluation × update sequence) contributions along the components ``ĉ_i [N_U, ...]``.
 
     ``kwargs`` go to :func:`delta_h_true_multi` or :func:`delta_h_first_order` (``dir_chunk``,
-    ``tf_batch_size``, ``base``, ``on_progress`` for a progress bar, ...).
+    ``tf_batch_size``, ``base``, ``on_progress`` for a progress bar, ``share_prompts``, ...).
     """
     check_choice("kind", kind, KINDS)
     if kind == "true":
@@ -97,13 +98,15 @@ def covariance_proxy(
     *,
     temperature: float = 1.0,
     eta: float,
+    share_prompts: str = "auto",
 ) -> CovarianceProxy:
-    """The covariance proxy (module docstring) on the update batch with advantages ``adv [N_U]``."""
+    """The covariance proxy (module docstring) on the update batch with advantages ``adv [N_U]``;
+    ``share_prompts`` (:func:`deltaH.stats.share_mode`): U's repeated prompts run once."""
     if adv.shape != (len(batch),):
         raise BatchError(f"advantages must have shape [{len(batch)}], got {tuple(adv.shape)}")
     with torch.no_grad():
-        c = compact(batch)
-        h = lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos]
+        c = compact(batch, share_mode(lm, share_prompts))
+        h = lm.hidden(params, c)[c.rows, c.pred_pos]
         lp = trainer_logprob(lm.head(params, h), c.targets, temperature)
     lp = lp.double()
     a = adv.double().to(lp.device)[c.rows]

@@ -36,7 +36,7 @@ from deltaH.errors import BatchError
 from deltaH.estimators.proxies import head_stats
 from deltaH.functional import FunctionalLM
 from deltaH.policy import compute_dtype
-from deltaH.stats import chunks_of, head_rows
+from deltaH.stats import chunks_of, head_rows, share_mode
 from deltaH.updates.directions import UpdateDirections
 
 __all__ = ["TokenInfluence", "sequence_token_weights", "token_influence"]
@@ -124,7 +124,7 @@ def _chunk(
     rest = {n: t for n, t in params.items() if n not in tang}
 
     def backbone(p: Mapping[str, Tensor]) -> Tensor:
-        return lm.backbone({**rest, **p}, c.ids, c.position_ids)
+        return lm.hidden({**rest, **p}, c)
 
     hidden, hdot = torch.func.jvp(backbone, (prim,), (dict(tang),))  # type: ignore[misc]
     h, hd = hidden[c.rows, c.pred_pos], hdot[c.rows, c.pred_pos]  # [P, D]
@@ -160,6 +160,7 @@ def token_influence(
     maximize: Collection[str] = (),
     tf_batch_size: int = 16,
     head_chunk: int | None = None,
+    share_prompts: str = "auto",
 ) -> TokenInfluence:
     """Each update token's exact first-order effect on the entropy of E (module docstring).
 
@@ -173,10 +174,12 @@ def token_influence(
 
     Cost: one ``jvp`` over U (about two forward passes), plus the gradient ``x`` (one forward and
     one backward over E, shared with nothing else). ``Σ s`` equals ``x · update.grad`` to float
-    rounding.
+    rounding. ``share_prompts`` (``auto | on | off``, :func:`deltaH.stats.share_mode`): U's repeated
+    prompts run once per chunk.
     """
     lm.check_names(params)
     w = _check_weights(token_weights, batch)
+    share = share_mode(lm, share_prompts)
     missing = [n for n in update.precond if n not in x]
     if missing:
         raise BatchError(f"x has no entry for parameter {missing[0]!r}: pass the E-gradient of every "
@@ -190,7 +193,7 @@ def token_influence(
     out = {k: torch.zeros(m, t, dtype=torch.float64) for k in ("inner", "logp", "entropy", "p2", "p2lp")}
     start = 0
     with torch.no_grad():
-        for c in chunks_of(batch.to(lm.device), tf_batch_size):
+        for c in chunks_of(batch.to(lm.device), tf_batch_size, share):
             vals = _chunk(lm, params, tang, c, float(temperature), head_chunk)
             rows, cols = (start + c.rows).cpu(), _slot(c).cpu()
             for key, val in zip(out, vals, strict=True):

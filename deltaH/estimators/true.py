@@ -45,7 +45,7 @@ from deltaH.estimators._common import base_stats as base_stats
 from deltaH.estimators._psis import khat_threshold, psis_khat, tail_size
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy
-from deltaH.stats import SequenceStats, chunks_of, stats_of_chunks
+from deltaH.stats import SequenceStats, chunks_of, share_mode, stats_of_chunks
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ def delta_h_true_multi(
     head_chunk: int | None = None,
     base: SequenceStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    share_prompts: str = "auto",
 ) -> TrueDeltaH:
     """True ΔH along K stacked directions ``dirs [K, ...]`` for one η or a sweep of η.
 
@@ -169,9 +170,12 @@ def delta_h_true_multi(
     no ``nucleus_key`` (built by hand rather than by :func:`base_stats`). ``on_progress(done, total)``,
     if given, is called after each chunk of directions with the (direction, η) pairs done out of
     ``K · n_eta`` (for a progress bar at the edge; it does not change the result).
+    ``share_prompts`` (``auto | on | off``, :func:`deltaH.stats.share_mode`): run each chunk's
+    repeated prompts once (the same result up to rounding).
     """
     check_options(entropy_mode, dir_chunk)
     etas, scalar = as_etas(eta)
+    share = share_mode(lm, share_prompts)
     with torch.no_grad():
         return _delta_h_true_multi(
             params,
@@ -187,6 +191,7 @@ def delta_h_true_multi(
             head_chunk,
             base,
             on_progress,
+            share,
         )
 
 
@@ -204,13 +209,14 @@ def _delta_h_true_multi(
     head_chunk: int | None,
     base: SequenceStats | None,
     on_progress: Callable[[int, int], None] | None = None,
+    share: str = "off",
 ) -> TrueDeltaH:
     lm.check_names(params)
     dirs = validate_dirs(lm, params, dirs)
     k_total = _trees.n_stacked(dirs)
-    chunks = chunks_of(batch, tf_batch_size)
+    chunks = chunks_of(batch, tf_batch_size, share)
     if base is None:
-        base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk)
+        base = base_stats(lm, params, batch, policy, tf_batch_size, head_chunk, share)
     zero = _trees.is_zero(dirs)
     dev = base.logq.device
     topp = policy.top_p < 1.0

@@ -421,6 +421,9 @@ class ComputeInfo:
     k: int = _f("directions in the timed evaluation (the four decompositions); 0: not calibrated")
     n_sequences: int = _f("sequences of E in the timed evaluation (one teacher-forcing chunk)")
     repeats: int = _f("timed calls per candidate after one warm-up")
+    share_prompts: str = _f("compute.share_prompts as applied (auto | on | off): off also where auto met a "
+                            "model that cannot share prompts (share_unsupported says why)", "auto")
+    share_unsupported: str = _f("why this model cannot share prompts in teacher forcing ('' when it can)", "")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def calibrate_dir_chunk(
     tf_batch_size: int,
     head_chunk: int | None = None,
     entropy_mode: str = "rb",
+    share_prompts: str = "auto",
     repeats: int = 3,
     clock: Callable[[], float] = time.perf_counter,
 ) -> DirChunk:
@@ -78,13 +79,14 @@ def calibrate_dir_chunk(
     [K, ...]`` at ``eta`` for each of :func:`candidates_for` ``(K)``; see the module docstring."""
     k = _trees.n_stacked(dirs)
     sub = batch.select(slice(0, int(tf_batch_size)))
-    base = base_stats(lm, params, sub, policy, tf_batch_size, head_chunk)
+    base = base_stats(lm, params, sub, policy, tf_batch_size, head_chunk, share_prompts)
     cands = candidates_for(k)
 
     def once(c: int) -> float:
         t = clock()
         delta_h_true_multi(params, dirs, sub, lm=lm, policy=policy, eta=eta, tf_batch_size=tf_batch_size,
-                           dir_chunk=c, entropy_mode=entropy_mode, head_chunk=head_chunk, base=base)
+                           dir_chunk=c, entropy_mode=entropy_mode, head_chunk=head_chunk, base=base,
+                           share_prompts=share_prompts)
         return clock() - t
 
     for c in cands:  # warm-up: first-call allocations, lazy kernels

@@ -108,6 +108,7 @@ class Inputs:
             "head_chunk": cfg.compute.head_chunk,
             "dir_chunk": chunk,
             "entropy_mode": cfg.analyses.entropy_mode,
+            "share_prompts": cfg.compute.share_prompts,
         }
 
 
@@ -356,7 +357,8 @@ def theta_stats(cfg: Config, inp: Inputs, bt: Batches) -> SequenceStats:
     ev = shard.eval_shard(cfg, bt.eval.batch)
     with torch.no_grad():
         st = base_stats(
-            inp.lm, inp.params, ev.batch, inp.policy, cfg.compute.tf_batch_size, cfg.compute.head_chunk
+            inp.lm, inp.params, ev.batch, inp.policy, cfg.compute.tf_batch_size, cfg.compute.head_chunk,
+            cfg.compute.share_prompts,
         )
     return shard.gather_stats(st)
 
@@ -399,6 +401,7 @@ def replayed_directions(cfg: Config, inp: Inputs, bt: Batches) -> Directions:
         inp.ckpt.optimizer_state,
         seq_chunk=cfg.compute.seq_chunk,
         on_progress=progress_bar("per-sequence gradients of the recorded U", inp.quiet, "seq"),
+        share_prompts=cfg.compute.share_prompts,
     )
     if not torch.equal(rep.batch.input_ids.cpu(), bt.update.batch.input_ids.cpu()):
         raise AssertionError("the replayed rows and the recorded update batch disagree")  # a bug, not input
@@ -433,6 +436,7 @@ def dir_chunk(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> DirChunk
         tf_batch_size=cfg.compute.tf_batch_size,
         head_chunk=cfg.compute.head_chunk,
         entropy_mode=cfg.analyses.entropy_mode,
+        share_prompts=cfg.compute.share_prompts,
     )
 
 
@@ -701,6 +705,7 @@ def proxy(cfg: Config, inp: Inputs, bt: Batches, dr: Directions) -> CovariancePr
         bt.update.advantages.double(),
         temperature=cfg.policy.temperature,
         eta=dr.eta_ref,
+        share_prompts=cfg.compute.share_prompts,
     )
 
 
@@ -714,6 +719,7 @@ def diagnostics(cfg: Config, inp: Inputs, bt: Batches) -> TokenDiagnostics:
         policy=inp.policy,
         eos_token_ids=eos_ids(inp.tokenizer),
         tf_batch_size=cfg.compute.tf_batch_size,
+        share_prompts=cfg.compute.share_prompts,
     )
     d = dataclasses.replace(d, row=d.row + ev.rows.start)  # rows of E, not of the shard
     return TokenDiagnostics(**{f.name: shard.gather(getattr(d, f.name), 0) for f in dataclasses.fields(d)})

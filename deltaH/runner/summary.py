@@ -36,6 +36,7 @@ from deltaH.runner.stages import (
     Sweep,
 )
 from deltaH.runner.stages import ref_index as ref_index
+from deltaH.stats import share_mode
 from deltaH.updates.directions import DECOMPOSITIONS
 
 
@@ -386,11 +387,12 @@ def summarise(
         replay=replay_summary(inp, dr, real),
         warnings=warnings_of(bt, dr, grid, trust) + source_warnings(cfg, inp, real) + kernel_warnings(kernel),
         controls=None if ctl is None else controls_info(ctl, trust["trusted"][ref_index(etas, dr.eta_ref)]),
-        compute=None if chunk is None else compute_info(chunk),
+        compute=None if chunk is None else compute_info(chunk, share_mode(inp.lm, cfg.compute.share_prompts),
+                                                        inp.lm.share_unsupported),
     )
 
 
-def compute_info(chunk: DirChunk) -> sc.ComputeInfo:
-    """The typed ``compute`` section: the dir_chunk used and its calibration."""
+def compute_info(chunk: DirChunk, share_prompts: str = "auto", share_unsupported: str = "") -> sc.ComputeInfo:
+    """The typed ``compute`` section: the dir_chunk used and its calibration, and prompt sharing."""
     return sc.ComputeInfo(chunk.value, chunk.source, list(chunk.candidates), list(chunk.seconds), chunk.k,
-                          chunk.n_sequences, chunk.repeats)
+                          chunk.n_sequences, chunk.repeats, share_prompts, share_unsupported)

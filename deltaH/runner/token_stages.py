@@ -73,12 +73,14 @@ def token_influence_stage(
     x = entropy_gradient(inp.params, bt.eval.batch, lm=inp.lm, policy=inp.policy,
                          tf_batch_size=cfg.compute.tf_batch_size, entropy_mode=cfg.analyses.entropy_mode,
                          head_chunk=cfg.compute.head_chunk, base=base,
+                         share_prompts=cfg.compute.share_prompts,
                          on_progress=progress_bar("token influence: ∇ of δH₁ on E", inp.quiet))
     state = inp.ckpt.optimizer_state
     maximize = {n for n in inp.params if state is not None and n in state.hyper and state.hyper[n].maximize}
     return token_influence(inp.lm, inp.params, up, x, dr.update, weights,
                            temperature=loss_temperature(cfg, dr), maximize=maximize,
-                           tf_batch_size=cfg.compute.tf_batch_size, head_chunk=cfg.compute.head_chunk)
+                           tf_batch_size=cfg.compute.tf_batch_size, head_chunk=cfg.compute.head_chunk,
+                           share_prompts=cfg.compute.share_prompts)
 
 
 def token_influence_local(

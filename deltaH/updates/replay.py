@@ -25,6 +25,7 @@ from deltaH.batch import SequenceBatch, compact
 from deltaH.errors import BatchError, CheckpointError
 from deltaH.functional import FunctionalLM
 from deltaH.policy import SamplingPolicy, trainer_logprob
+from deltaH.stats import share_mode
 from deltaH.updates._replay_checks import check_micro_batch, check_model, check_shift_invariance, check_steps
 from deltaH.updates.adamw import AdamWState
 from deltaH.updates.directions import UpdateDirections, directions_from_grads
@@ -83,13 +84,17 @@ def replay_directions(
     *,
     seq_chunk: int = 8,
     on_progress: Callable[[int, int], None] | None = None,
+    share_prompts: str = "auto",
 ) -> ReplayDirections:
     """Directions of the recorded step ``steps`` (one :class:`RecordedStep`, or one per rank).
 
     ``params``: θ before the step (the checkpoint the step started from); ``state``: the AdamW
     state before it. Every input is validated before any forward pass. ``on_progress(done,
-    total)`` reports the per-sequence gradients.
+    total)`` reports the per-sequence gradients. ``share_prompts`` (``auto | on | off``,
+    :func:`deltaH.stats.share_mode`): the teacher-forced log-probs run each repeated prompt once per
+    chunk (the per-sequence gradients do not share).
     """
+    share = share_mode(lm, share_prompts)
     ranks = check_steps(steps)
     o = ranks[0].options
     lm.check_names(params)
@@ -120,7 +125,7 @@ def replay_directions(
         for j, mb_any in enumerate(s.micro_batches):
             mb = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in mb_any.items()}
             logp, ent = _teacher_forced(
-                lm, params, mb, o.temperature, o.top_entropy_quantile < 1.0, seq_chunk
+                lm, params, mb, o.temperature, o.top_entropy_quantile < 1.0, seq_chunk, share
             )
             w = micro_batch_weights(mb, logp, o, grad_accum=n_acc, entropies=ent)
             mbw[-1].append(w)
@@ -173,6 +178,7 @@ def _teacher_forced(
     temperature: float,
     need_entropy: bool,
     seq_chunk: int,
+    share: str = "off",
 ) -> tuple[Tensor, Tensor | None]:
     """``logp [B, T]`` and entropies ``[B, T]`` (or None) of ``softmax(z/τ)`` at the completion tokens
     (``completion_mask`` 1; 0 elsewhere, as TRL's fused head returns them), float64 on CPU."""
@@ -191,8 +197,8 @@ def _teacher_forced(
     with torch.no_grad():
         for s in range(0, len(live), seq_chunk):
             sub = SequenceBatch(ids[s : s + seq_chunk], am[s : s + seq_chunk], rm[s : s + seq_chunk]).to(dev)
-            c = compact(sub)
-            logits = lm.head(params, lm.backbone(params, c.ids, c.position_ids)[c.rows, c.pred_pos])
+            c = compact(sub, share)
+            logits = lm.head(params, lm.hidden(params, c)[c.rows, c.pred_pos])
             r, col = rm[s : s + seq_chunk].nonzero(as_tuple=True)  # same row-major order as c.rows
             rows = live[s + r]
             logp[rows, col - p] = trainer_logprob(logits, c.targets, temperature).double().cpu()

@@ -131,3 +131,46 @@ def test_resume_reuses_the_recorded_choice(tmp_path: Path) -> None:
     assert ("dir_chunk", "cached") in events
     c = json.loads((out / "summary.json").read_text())["compute"]
     assert (c["dir_chunk"], c["seconds"]) == (saved.value, saved.seconds)  # not re-timed
+
+
+def test_share_prompts_on_matches_off_through_the_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute.share_prompts reaches the estimators: ``on`` runs the shared forward (counted), ``off``
+    only in the model's construction probe, and their folders agree. The toy runs in float32, so the
+    two paths' hidden states differ by float32 rounding (attention sums over other masked slots, in
+    other blocks): a few eps32 (6e-8) of each token's log q and entropy, summed over ≤ 5 response
+    tokens. Every estimate is built from those values — the true ΔH is a difference of entropies of
+    size up to max H — so each array is compared to 1e-5 of the larger of its own largest entry and
+    E's largest entropy (eps32 × 5 tokens × a chain factor < 30; seen: 6.4e-7 of max H)."""
+    import deltaH as dh
+
+    calls = {"n": 0}
+    real = dh.FunctionalLM.backbone_shared
+
+    def counted(self, params, plan):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real(self, params, plan)
+
+    monkeypatch.setattr(dh.FunctionalLM, "backbone_shared", counted)
+    runs = {}
+    for mode in ("off", "on"):
+        calls["n"] = 0
+        runs[mode] = tmp_path / mode
+        cfg = load_config("configs/toy.yaml", [*TINY, "compute.dir_chunk=1", f"compute.share_prompts={mode}"])
+        runner.run(cfg, out=runs[mode], quiet=True)
+        # off: only FunctionalLM.from_model's probe of the shared forward (one call)
+        assert (calls["n"] > 1 if mode == "on" else calls["n"] == 1), (mode, calls)
+        rec = json.loads((runs[mode] / "summary.json").read_text())["compute"]
+        assert (rec["share_prompts"], rec["share_unsupported"]) == (mode, "")
+    a, b = ResultsDir.open(runs["off"]).load_arrays(), ResultsDir.open(runs["on"]).load_arrays()
+    assert set(a) == set(b)
+    h_max = float(torch.as_tensor(a["eval_entropy"]).abs().max())
+    for name in a:
+        x, y = torch.as_tensor(a[name]), torch.as_tensor(b[name])
+        if x.is_floating_point():
+            scale = max(float(x.abs().nan_to_num().max()), h_max)
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-5 * scale, equal_nan=True,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            assert torch.equal(x, y), name
