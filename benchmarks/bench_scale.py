@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.scale_extrapolate import extrapolate
 
     res: dict[str, Any] = {"machine": {**machine(), "threads": args.threads}, "model": points[0]["model"],
+                           # every stage runs with the API's defaults: E and U hold 4 responses per
+                           # prompt, so compute.share_prompts=auto runs each prompt once per chunk
+                           "share_prompts": "auto",
                            "lr": LR, "points": points, "memory_method": MEMORY_METHOD,
                            "mode": "quick" if args.quick or not args.full else "full",
                            "total_s": time.perf_counter() - t0}

@@ -28,14 +28,18 @@ and, at each η, ESS, k̂, retained mass and the nucleus-changed fraction (docs/
      stops being comparable with δH₁.
 
 2. *Precision floor* (rounding noise of the model's dtype). The noise of ΔH is at least
-   ``σ = ε·|H|·√(2/N)`` (:func:`rounding_noise`): each per-sequence entropy sum carries a relative
-   rounding error of at least ``ε`` (the compute dtype's epsilon; float32's for float64 models,
-   whose RMSNorm and attention softmax HF keeps in float32), independent at θ and θ' once the step
-   exceeds an ulp, and averaged over N sequences. An η is below the floor when
+   ``σ = ε·(|H|/√T)·√(2/N)`` (:func:`rounding_noise`, ``T`` scored tokens per sequence): each
+   token's entropy carries a relative rounding error of at least ``ε`` from its logits (the compute
+   dtype's epsilon; float32's for float64 models, whose RMSNorm and attention softmax HF keeps in
+   float32), independent from token to token and at θ and θ' once the step exceeds an ulp, and
+   averaged over N sequences; the statistics themselves are computed in float64. An η is below the
+   floor when
 
    * ``|δH₁| < 2σ / max_dev`` (a 2σ error would exceed ``max_dev`` of the signal), or
    * ΔH does not follow δH₁ (``|ΔH − δH₁| > max_dev·|δH₁|``) at this η although a larger η does
-     (the actual noise is larger than σ: on the toy 2× σ in bfloat16 and 13× σ in float32).
+     (σ is an order of magnitude, not a bound: on the toy, 256 sequences of ~3 tokens, the rms of
+     ΔH − δH₁ along random directions was 53× σ in float32 at η = 1e-9 and 0.14× σ in bfloat16 at
+     η = 1e-7, where a smaller η leaves every bfloat16 activation unchanged).
 
    If no η of the sweep follows δH₁ at all (e.g. ΔH/δH₁ far from 1 at the smallest η), every η is
    untrusted: the sweep never reaches the linear regime where the two must agree.
@@ -100,12 +104,21 @@ class Trust:
     notes: list[str]
 
 
-def rounding_noise(dtype: str, h_orig: float, n: int) -> float:
-    """``σ = ε(dtype)·|H|·√(2/N)``: a lower bound on the rounding noise of ΔH in nats (0 if unknown)."""
+def rounding_noise(dtype: str, h_orig: float, n: int, tokens: float | None = None) -> float:
+    """A lower bound on the rounding noise of ΔH in nats (0 if unknown), for per-sequence entropies
+    ``H`` (mean ``h_orig`` nats) over ``n`` sequences of ``tokens`` scored tokens on average.
+
+    Without ``tokens``: ``σ = ε(dtype)·|H|·√(2/N)``, the noise of per-sequence sums formed in the
+    model's dtype (a relative error ``ε`` on the whole sum, new at θ and θ'). With ``tokens`` (how
+    deltaH computes them: each token's statistics in float64 from the logits), rounding enters only
+    through each token's logits, a relative ``ε`` on each token's ``H_t``, independent from token to
+    token: ``σ = ε·(|H|/√T)·√(2/N)`` (``√Σ_t H_t² ≈ |H|/√T`` for ``T`` tokens of similar entropy).
+    """
     eps = _EPS.get(str(dtype).removeprefix("torch."))
     if eps is None or not (n > 0 and math.isfinite(h_orig)):
         return 0.0
-    return eps * abs(h_orig) * math.sqrt(2.0 / n)
+    per_seq = abs(h_orig) if tokens is None or not tokens >= 1 else abs(h_orig) / math.sqrt(tokens)
+    return eps * per_seq * math.sqrt(2.0 / n)
 
 
 # Each reason reads "<kind>: <details>"; the kinds, in the order the rule applies them:

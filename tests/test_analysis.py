@@ -136,6 +136,9 @@ def test_bf16_floor_covers_what_float32_resolves() -> None:
     assert sig["float64"] == sig["float32"] < sig["float16"] < sig["bfloat16"]
     assert sig["bfloat16"] / sig["float32"] == pytest.approx(2**16)
     assert A.rounding_noise("int8", 1.1, N) == 0.0
+    # per-token statistics in float64: T tokens of independent rounding, σ shrinks by √T
+    assert A.rounding_noise("float32", 1.1, N, 16.0) == pytest.approx(sig["float32"] / 4)
+    assert A.rounding_noise("float32", 1.1, N, 0.0) == sig["float32"]  # no tokens: the whole-sum form
     t = run(sweep(), noise=sig["bfloat16"])
     below = np.abs(S * ETA) < 2 * sig["bfloat16"] / 0.25
     assert 0 < below.sum() < ETA.size

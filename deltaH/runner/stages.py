@@ -496,7 +496,8 @@ def eta_grid(
             res[0].khat_threshold,
             check_retained=inp.policy.top_p < 1.0,
             nucleus_changed=[float(r.nucleus_changed[0]) for r in res],
-            noise=rounding_noise(inp.compute_dtype, float(res[0].h_orig), n),
+            noise=rounding_noise(inp.compute_dtype, float(res[0].h_orig), n,
+                                 float(bt.eval.batch.n_tokens.double().mean())),
         )
         if math.isfinite(probe.eta_min):
             etas = auto_grid(probe.eta_min, probe.eta_max, cfg.eta.n_points, dr.eta_ref)

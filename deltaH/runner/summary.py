@@ -74,7 +74,8 @@ def versions() -> dict[str, str]:
 
 
 def trust_of(
-    sw: Sweep, fo: FirstOrder, etas: list[float], n_eval: int, top_p: bool, dtype: str
+    sw: Sweep, fo: FirstOrder, etas: list[float], n_eval: int, top_p: bool, dtype: str,
+    tokens: float | None = None,
 ) -> dict[str, Any]:
     """The one trust rule (:func:`deltaH.analysis.trust_summary`) over every decomposition."""
     columns = {k: to_np(v).tolist() for k, v in sw.fields.items()}
@@ -87,7 +88,7 @@ def trust_of(
         sw.khat_threshold,
         top_p=top_p,
         dtype=dtype,
-        noise=rounding_noise(dtype, sw.h_orig, n_eval),
+        noise=rounding_noise(dtype, sw.h_orig, n_eval, tokens),
     )
 
 
@@ -352,7 +353,8 @@ def summarise(
 ) -> sc.RunSummary:
     """The typed summary of one checkpoint (``summary.json`` is its ``to_json()``)."""
     etas = grid.etas
-    trust = trust_of(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0, inp.compute_dtype)
+    trust = trust_of(sw, fo, etas, len(bt.eval.batch), inp.policy.top_p < 1.0, inp.compute_dtype,
+                     float(bt.eval.batch.n_tokens.double().mean()))
     ud = dr.update
     kernel = None if kern is None else kernel_info(cfg, kern)
     return sc.RunSummary(

@@ -236,7 +236,9 @@ def test_bfloat16_run_reports_bfloat16(tmp_path: Path) -> None:
     s = json.loads((out / "summary.json").read_text())
     assert s["checkpoint"]["dtype"] == "bfloat16" and s["checkpoint"]["trainable_dtype"] == "float32"
     assert s["trust"]["dtype"] == "bfloat16"
-    assert s["trust"]["noise"] == pytest.approx(rounding_noise("bfloat16", s["h_orig"], 8))
+    tokens = s["batches"]["eval"]["mean_tokens"]  # the statistics are float64: noise per token
+    assert s["trust"]["noise"] == pytest.approx(rounding_noise("bfloat16", s["h_orig"], 8, tokens))
+    assert s["trust"]["noise"] < rounding_noise("bfloat16", s["h_orig"], 8)
     assert "computed in bfloat16" in (out / "report.md").read_text()
 
 
