@@ -49,7 +49,8 @@ SHARE_PROMPTS = ("off", "auto", "on")
 #: ``output.detail``: how much a run writes.
 DETAIL_LEVELS = ("minimal", "standard", "detailed", "debug")
 
-#: ``checkpoint.dtype``: ``auto`` keeps the saved dtype; the others are ``torch`` dtype names.
+#: ``checkpoint.dtype``: ``auto`` keeps the saved dtype, except that half precision (bfloat16,
+#: float16) is computed in float32; the others are ``torch`` dtype names.
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 #: ``data.template`` values that are not format strings.

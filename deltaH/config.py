@@ -110,8 +110,9 @@ class CheckpointConfig:
         "Base model path or hub name for a peft adapter, overriding the adapter's "
         "base_model_name_or_path; null = the adapter's own"), _string(nullable=True))
     dtype: str = _opt("auto", (
-        "Model dtype: auto (as saved), float32, float64, bfloat16 or float16; sums are float64 "
-        "whatever this is"), _choice(*DTYPES))
+        "Model dtype: auto (as saved, but bfloat16/float16 weights are computed in float32: in half "
+        "precision the entropy change of a realistic step is below rounding noise), float32, float64, "
+        "bfloat16 or float16; sums are float64 whatever this is"), _choice(*DTYPES))
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
                        _Check("one of: auto, cpu, cuda, cuda:N", _device))
     max_grad_norm: float | None = _opt(1.0, (

@@ -158,6 +158,13 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         max_grad_norm=cfg.checkpoint.max_grad_norm,
         optimizer=cfg.checkpoint.optimizer == "saved",
     )
+    if cfg.checkpoint.dtype == "auto":
+        half = sorted({str(p.dtype).removeprefix("torch.") for p in ckpt.model.parameters()
+                       if p.dtype in (torch.bfloat16, torch.float16)})
+        if half:  # benchmarks/bench_precision.py: in bf16, ΔH at a realistic lr is rounding noise
+            ckpt.model.to(torch.float32)
+            log.info("checkpoint saved in %s: computing in float32 (checkpoint.dtype: auto; half precision "
+                     "cannot resolve the entropy change of a realistic step)", "/".join(half))
     if cfg.checkpoint.optimizer == "fresh":
         ckpt = dataclasses.replace(ckpt, optimizer_state=fresh_adamw(ckpt.model, float(cfg.eta.reference)))
     state = ckpt.optimizer_state

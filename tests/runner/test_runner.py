@@ -242,6 +242,34 @@ def test_bfloat16_run_reports_bfloat16(tmp_path: Path) -> None:
     assert "computed in bfloat16" in (out / "report.md").read_text()
 
 
+def test_auto_dtype_computes_a_bfloat16_checkpoint_in_float32(tmp_path: Path) -> None:
+    """checkpoint.dtype=auto: a checkpoint saved in bfloat16 runs in float32 (in half precision the
+    entropy change of a realistic step is below rounding noise: benchmarks/bench_precision.py)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deltaH.toy import toy_base_path, toy_checkpoint_path
+
+    base = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(toy_base_path(), dtype=torch.bfloat16).save_pretrained(base)
+    for f in toy_base_path().iterdir():  # tokenizer files beside the weights
+        if f.is_file() and not (base / f.name).exists():
+            shutil.copy(f, base / f.name)
+    saved = json.loads((base / "config.json").read_text())
+    assert "bfloat16" in (saved.get("dtype"), saved.get("torch_dtype"))
+    tiny = ["eval_batch.total_sequences=8", "analyses.influence=false", "analyses.proxy=false",
+            "eta.grid=[1e-4]", "output.plots=false", f"checkpoint.path={toy_checkpoint_path()}",
+            f"checkpoint.base_model={base}"]
+    rc, out = _run(tmp_path, "auto", *tiny)
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["checkpoint"]["dtype"] == "float32" and s["trust"]["dtype"] == "float32"
+    rc, out = _run(tmp_path, "kept", *tiny, "checkpoint.dtype=bfloat16")  # asked for: kept
+    assert rc == 0 and json.loads((out / "summary.json").read_text())["checkpoint"]["dtype"] == "bfloat16"
+
+
 def test_eval_batch_matches_saved_stats(full_run: Path) -> None:
     rows = [json.loads(line) for line in (full_run / "batches" / "eval.jsonl").read_text().splitlines()]
     logq = np.load(full_run / "arrays" / "eval_logq.npy")
