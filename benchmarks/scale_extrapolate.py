@@ -8,7 +8,10 @@ times the run calls it``, divided by an assumed GPU throughput. Assumptions, all
 output:
 
 * model: Qwen2.5-1.5B (hidden 1536, 28 layers, 12 / 2 heads, intermediate 8960, V = 151,936,
-  tied), LoRA r = 16 on every linear layer (18.5M trainable parameters), bf16;
+  tied), LoRA r = 16 on every linear layer (18.5M trainable parameters), computed in **float32**
+  (the config's ``checkpoint.dtype: auto`` upcasts the bf16 weights: in bf16 the ΔH of a step at
+  lr 1e-6 is rounding noise, :mod:`benchmarks.bench_precision`); a bf16 column is given beside it
+  for comparison only;
 * sequences: the config's E = 512, U = 16 × 8 = 128, ``max_new_tokens`` 512; prompts of 120 tokens
   (GSM8K question + chat template + system prompt) and every response at its 512-token maximum
   (an upper bound: compaction pads each chunk to its longest row);
@@ -19,11 +22,16 @@ output:
   E); no kernel (off in the config);
 * FLOPs of a forward: ``2·(non-embedding parameters)`` per token plus ``2·D·V`` per scored
   position (the head) plus attention ``4·layers·D·T`` per token;
-* GPU: 989 TFLOP/s dense bf16 (H100 SXM and H200 datasheets), at 35 % utilisation for every
+* GPU: 67 TFLOP/s float32 (no TF32: torch's default for matmuls) or 989 TFLOP/s dense bf16 (H100
+  SXM and H200 datasheets), at 35 % utilisation for every
   teacher-forced stage (with a pessimistic 15 % beside it); sampling is not taken from the CPU (where
   decoding is memory-bound: every step reads all weights): each of its steps costs the larger of its
-  FLOPs at that utilisation and its bytes (bf16 weights + the KV cache read) at 3.35 TB/s (H100 SXM),
+  FLOPs at that utilisation and its bytes (weights + the KV cache read, 4 or 2 bytes per value) at
+  3.35 TB/s (H100 SXM),
   plus 10 ms of per-step overhead (top-p, Python);
+* every teacher-forced row runs its prompt (prompt sharing, ``compute.share_prompts``, is left out:
+  with 8 responses per 120-token prompt it saves ~17 % of the tokens, so the figures are upper
+  bounds in that respect too);
 * the CPU's cost ratios carry over to the GPU (on a GPU vmap over directions is expected to be
   *cheaper* than on this CPU, so the δH₁ and influence rows are upper bounds);
 * 8 GPUs: every stage shards rows of E (or columns of influence) evenly across ranks, with 60 s of
@@ -34,7 +42,8 @@ from __future__ import annotations
 
 from typing import Any
 
-PEAK = 989e12
+PEAK = {"float32": 67e12, "bfloat16": 989e12}
+BYTES = {"float32": 4, "bfloat16": 2}
 UTIL = 0.35
 UTIL_LOW = 0.15
 
@@ -76,22 +85,34 @@ BANDWIDTH = 3.35e12
 STEP_OVERHEAD = 0.010
 
 
-def decode_seconds(m: dict[str, int], rows: int, prompt: int, resp: int, util: float) -> float:
+def decode_seconds(m: dict[str, int], rows: int, prompt: int, resp: int, util: float,
+                   dtype: str = "float32") -> float:
     """``dh.sample`` of ``rows`` rows × ``resp`` steps: per step, FLOPs or bytes, whichever is slower."""
+    peak, nb = PEAK[dtype], BYTES[dtype]
     body = m["layers"] * layer_params(m)
     emb = m["vocab"] * m["hidden"]
     flops = rows * (2 * body + 2 * emb)  # per step: every row's new token through the body and head
     total = 0.0
     for t in range(resp):
         ctx = prompt + t
-        kv_bytes = rows * ctx * m["layers"] * 2 * m["kv_dim"] * 2
-        total += max(flops / (PEAK * util), (2 * (body + emb) + kv_bytes) / BANDWIDTH) + STEP_OVERHEAD
+        kv_bytes = rows * ctx * m["layers"] * 2 * m["kv_dim"] * nb
+        total += max(flops / (peak * util), (nb * (body + emb) + kv_bytes) / BANDWIDTH) + STEP_OVERHEAD
     return total
 
 
 def extrapolate(pt: dict[str, Any], n_points: int = 9, prompt: int = 120, resp: int = 512,
                 n_e: int = 512, n_u: int = 128) -> dict[str, Any]:
-    """The 1.5B config's wall time on 1 and 8 GPUs from the measured multipliers of point ``pt``."""
+    """The 1.5B config's wall time on 1 and 8 GPUs in float32 (what the config computes in), with
+    the same in bf16 beside it (``bfloat16``)."""
+    out = _extrapolate(pt, n_points, prompt, resp, n_e, n_u, "float32")
+    out["bfloat16"] = {k: v for k, v in _extrapolate(pt, n_points, prompt, resp, n_e, n_u, "bfloat16").items()
+                       if k.startswith("gpu") or k == "stages"}
+    return out
+
+
+def _extrapolate(pt: dict[str, Any], n_points: int, prompt: int, resp: int, n_e: int, n_u: int,
+                 dtype: str) -> dict[str, Any]:
+    peak = PEAK[dtype]
     m = multipliers(pt)
     f_e = forward_flops(QWEN15, n_e, prompt + resp, resp)
     f_u = forward_flops(QWEN15, n_u, prompt + resp, resp)
@@ -110,15 +131,15 @@ def extrapolate(pt: dict[str, Any], n_points: int = 9, prompt: int = 120, resp: 
         "controls (entropy-bonus gradient over U, δH₁ along it)": m["fo_reverse_per_call"] * f_u
         + m["fo_forward_per_direction"] * f_e,
     }
-    t_dec = sum(decode_seconds(QWEN15, r, prompt, resp, UTIL) for r in (n_e, n_u))
-    t_dec_low = sum(decode_seconds(QWEN15, r, prompt, resp, UTIL_LOW) for r in (n_e, n_u))
-    dec8 = sum(decode_seconds(QWEN15, -(-r // 8), prompt, resp, UTIL) for r in (n_e, n_u))
-    dec8_low = sum(decode_seconds(QWEN15, -(-r // 8), prompt, resp, UTIL_LOW) for r in (n_e, n_u))
+    t_dec = sum(decode_seconds(QWEN15, r, prompt, resp, UTIL, dtype) for r in (n_e, n_u))
+    t_dec_low = sum(decode_seconds(QWEN15, r, prompt, resp, UTIL_LOW, dtype) for r in (n_e, n_u))
+    dec8 = sum(decode_seconds(QWEN15, -(-r // 8), prompt, resp, UTIL, dtype) for r in (n_e, n_u))
+    dec8_low = sum(decode_seconds(QWEN15, -(-r // 8), prompt, resp, UTIL_LOW, dtype) for r in (n_e, n_u))
     rows = [{"stage": f"sample E and U ({n_e} + {n_u} rows × {resp} steps, two dh.sample calls)",
              "pflop": None, "gpu1_s": t_dec, "gpu1_s_at_15pct": t_dec_low}]
     total, total_low = t_dec, t_dec_low
     for name, flops in calls.items():
-        t = flops / (PEAK * UTIL)
+        t = flops / (peak * UTIL)
         rows.append({"stage": name, "pflop": flops / 1e15, "gpu1_s": t,
                      "gpu1_s_at_15pct": t * UTIL / UTIL_LOW})
         total += t
@@ -127,9 +148,10 @@ def extrapolate(pt: dict[str, Any], n_points: int = 9, prompt: int = 120, resp: 
         "label": "EXTRAPOLATION from CPU cost ratios and FLOP counts, not a measurement",
         "config": "configs/qwen2.5-1.5b-lora-gsm8k.yaml",
         "assumptions": {
-            "model": "Qwen2.5-1.5B, bf16, LoRA r = 16 on all linear layers",
+            "model": f"Qwen2.5-1.5B computed in {dtype}, LoRA r = 16 on all linear layers",
+            "dtype": dtype,
             "sequences": {"n_e": n_e, "n_u": n_u, "prompt_tokens": prompt, "response_tokens": resp},
-            "gpu_peak_bf16_flops": PEAK, "utilisation": UTIL, "utilisation_low": UTIL_LOW,
+            "gpu_peak_flops": peak, "utilisation": UTIL, "utilisation_low": UTIL_LOW,
             "decode_overhead_s_per_step": STEP_OVERHEAD, "memory_bandwidth": BANDWIDTH, "eta_points": n_eta,
             "per_rank_fixed_s_8_gpus": 60.0,
             "cost_ratios_from": {k: pt["point"][k] for k in ("n_e", "n_u", "prompt", "resp", "k")},

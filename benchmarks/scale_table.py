@@ -65,7 +65,7 @@ def tables(res: dict[str, Any]) -> str:
         out += ["", f"**{x['label']}** — `{x['config']}` ({a['model']}; E = {a['sequences']['n_e']}, "
                 f"U = {a['sequences']['n_u']}, {a['sequences']['prompt_tokens']} prompt + "
                 f"{a['sequences']['response_tokens']} response tokens; {a['utilisation']:.0%} of "
-                f"{a['gpu_peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, and {a['utilisation_low']:.0%} "
+                f"{a['gpu_peak_flops'] / 1e12:.0f} TFLOP/s {a['dtype']}, and {a['utilisation_low']:.0%} "
                 "beside it):", "",
                 "| stage | PFLOP | 1 GPU, s | at the low utilisation, s |", "|---|---|---|---|"]
         for s in x["stages"]:
@@ -76,6 +76,12 @@ def tables(res: dict[str, Any]) -> str:
         out.append(f"| **total, 8 GPUs** (rows sharded, {a['per_rank_fixed_s_8_gpus']:.0f} s fixed per rank) "
                    "| | "
                    f"**{x['gpu8_total_s'] / 60:.1f} min** | {x['gpu8_total_s_at_15pct'] / 60:.1f} min |")
+        b = x.get("bfloat16")
+        if b:
+            out += ["", f"The same in bf16 (for comparison only: below its precision floor at this lr): "
+                    f"{b['gpu1_total_s'] / 60:.0f} min on 1 GPU, {b['gpu8_total_s'] / 60:.1f} min on 8 "
+                    f"({b['gpu1_total_s_at_15pct'] / 60:.0f} / {b['gpu8_total_s_at_15pct'] / 60:.1f} min at "
+                    f"{a['utilisation_low']:.0%})."]
     return "\n".join(out)
 
 
