@@ -220,6 +220,8 @@ class SamplingPolicy:
         ws = Workspace(step, v, torch.float32, x.device)
         scaled = x.dtype != torch.float32 or self.temperature != 1.0
         z32_buf = torch.empty(step, v, device=x.device) if scaled else None
+        # float64 buffers reused chunk after chunk (fresh ones of a few MB cost page faults)
+        buf64 = torch.empty(4, step, v, dtype=cd, device=x.device) if cd != torch.float32 else None
         for s in range(0, n, step):
             xc = x[s : s + step]
             z32 = xc
@@ -232,10 +234,15 @@ class SamplingPolicy:
                 sc = ws.scores(z32, with_mass=self.top_p < 1)
                 z, prob, w, tmp = z32, sc.prob, sc.w, ws.tmp[: xc.shape[0]]
             else:
+                assert buf64 is not None
                 sc = ws.scores(z32) if self.top_p < 1 else None
-                z = xc.to(cd) / self.temperature
-                prob, w = torch.softmax(z, dim=-1), z.amax(-1, keepdim=True) - z
-                tmp = torch.empty_like(prob)
+                c = xc.shape[0]
+                z = buf64[0, :c].copy_(xc)  # the logits' values in float64 (exact), then / τ
+                if self.temperature != 1.0:
+                    z.div_(self.temperature)
+                prob = torch.ops.aten._softmax.out(z, -1, False, out=buf64[1, :c])
+                w = torch.sub(z.amax(-1, keepdim=True), z, out=buf64[2, :c])
+                tmp = buf64[3, :c]
             yc = y[s : s + step]
             lq, en, kc = _chunk_stats(sc, z, prob, w, tmp, yc, self.top_p, self._prefix(v), table)
             logq[s : s + step], ent[s : s + step] = lq, en
