@@ -354,7 +354,8 @@ def plan(mode: str) -> list[dict[str, Any]]:
     return pts
 
 
-AXIS_KEY = {"n_e": "n_e", "t": "length", "n_u": "n_u", "k": "k"}  # length = prompt + response
+# T = response tokens (the prompt stays at 32 tokens; with shared prompts it runs once per group)
+AXIS_KEY = {"n_e": "n_e", "t": "resp", "n_u": "n_u", "k": "k"}
 
 
 def exponents(points: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -366,16 +367,16 @@ def exponents(points: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, flo
     for axis, key in AXIS_KEY.items():
         pts = [base] + [p for p in points if p["point"]["axis"] == axis]
         for stage in STAGES:
-            rows = [(p["point"]["prompt"] + p["point"]["resp"] if key == "length" else p["point"][key],
-                     p["stages"][stage]) for p in pts if stage in p["stages"]]
+            rows = [(p["point"][key], p["stages"][stage]) for p in pts if stage in p["stages"]]
             if len(rows) < 3:
                 continue
             x = np.log([r[0] for r in rows])
             fit: dict[str, float] = {"n_points": len(rows)}
             for field in ("cpu_s", "time_s", "peak_mb"):
                 y = np.array([r[1][field] for r in rows], dtype=float)
-                # peak memory under 20 MB is allocator noise, not growth
-                fit[field] = float(np.polyfit(x, np.log(y), 1)[0]) if (y > 20).all() else float("nan")
+                # peak memory under 20 MB is allocator noise, not growth (times are always fitted)
+                ok = (y > 20).all() if field == "peak_mb" else (y > 0).all()
+                fit[field] = float(np.polyfit(x, np.log(y), 1)[0]) if ok else float("nan")
             out.setdefault(stage, {})[axis] = fit
     return out
 
@@ -410,7 +411,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every measurement")
     ap.add_argument("--child", nargs=2, metavar=("POINT", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare", nargs=3, metavar=("MASTER", "N", "T"), help=argparse.SUPPRESS)
+    ap.add_argument("--refit", action="store_true",
+                    help="recompute the exponents and the extrapolation of an existing --out file")
     args = ap.parse_args(argv)
+    if args.refit:
+        from benchmarks.scale_extrapolate import extrapolate
+
+        with open(args.out) as f:
+            res = json.load(f)
+        res["exponents"] = exponents(res["points"])
+        res["extrapolation"] = extrapolate(max(_full_points(res["points"]), key=lambda p: p["point"]["resp"]))
+        _write(args.out, res)
+        return 0
     if args.prepare:
         prepare(args.prepare[0], args.threads, int(args.prepare[1]), int(args.prepare[2]))
         return 0
@@ -448,16 +460,25 @@ def main(argv: list[str] | None = None) -> int:
                            "total_s": time.perf_counter() - t0}
     if len(points) > 1:
         res["exponents"] = exponents(points)
-    full_pts = [p for p in points if set(p["stages"]) >= {"sample", "theta_stats", "sweep", "fo_forward",
-                                                           "influence_true", "influence_fo", "directions"}]
-    res["extrapolation"] = extrapolate(max(full_pts, key=lambda p: p["point"]["resp"]))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2, sort_keys=True)
-    os.replace(tmp, args.out)
+    res["extrapolation"] = extrapolate(max(_full_points(points), key=lambda p: p["point"]["resp"]))
+    _write(args.out, res)
     print(f"wrote {args.out} ({res['total_s']:.0f} s)")
     return 0
+
+
+def _full_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points that ran every stage the extrapolation needs."""
+    need = {"sample", "theta_stats", "sweep", "fo_forward", "fo_reverse", "influence_true", "influence_fo",
+            "directions"}
+    return [p for p in points if set(p["stages"]) >= need]
+
+
+def _write(path: str, res: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

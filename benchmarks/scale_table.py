@@ -38,7 +38,8 @@ def tables(res: dict[str, Any]) -> str:
     m = res["machine"]
     out = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, ATen {m['capability']}, {m['threads']} thread(s), "
            f"torch {m['torch']}. Base point: N_E = {bp['n_e']}, N_U = {bp['n_u']}, prompt {bp['prompt']} + "
-           f"response {bp['resp']} tokens, K = {bp['k']}.", "",
+           f"response T = {bp['resp']} tokens, K = {bp['k']}; axes N_E 4–32, T 16–64, N_U 4–16, K 1–8 "
+           "(one at a time).", "",
            "| stage | base: CPU s | base: peak MB | largest point | its CPU s | its peak MB | "
            "time exponent N_E / T / N_U / K | memory exponent N_E / T / N_U / K |",
            "|---|---|---|---|---|---|---|---|"]
@@ -53,7 +54,7 @@ def tables(res: dict[str, Any]) -> str:
         bs = f"{b['cpu_s']:.1f} | {b['peak_mb']:.0f}" if b else "– | –"
         if big is not None and big is not base:
             q = big["point"]
-            where = f"N_E {q['n_e']}, T {q['prompt'] + q['resp']}, N_U {q['n_u']}, K {q['k']}"
+            where = f"N_E {q['n_e']}, T {q['resp']}, N_U {q['n_u']}, K {q['k']}"
             bg = big["stages"][stage]
             bigs = f"{where} | {bg['cpu_s']:.1f} | {bg['peak_mb']:.0f}"
         else:
