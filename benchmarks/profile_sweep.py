@@ -40,7 +40,10 @@ def category(name: str) -> str:
     if any(name.startswith(a) for a in ATTN):
         return "softmax (attention and head)"
     if name in ("aten::exp", "aten::log", "aten::sum", "aten::amax", "aten::max", "aten::nansum",
-                "aten::gather", "aten::mul", "aten::sub", "aten::div", "aten::_to_copy", "aten::copy_"):
+                "aten::gather", "aten::mul", "aten::sub", "aten::div", "aten::_to_copy", "aten::copy_",
+                "aten::add", "aten::add_", "aten::mul_", "aten::silu", "aten::rsqrt", "aten::pow",
+                "aten::mean",
+                "aten::neg", "aten::cos", "aten::sin", "aten::where", "aten::masked_fill"):
         return "elementwise / reductions"
     if name in ("aten::cat", "aten::index", "aten::index_select", "aten::clone", "aten::contiguous",
                 "aten::_reshape_alias", "aten::view", "aten::expand", "aten::transpose", "aten::permute",

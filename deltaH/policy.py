@@ -28,6 +28,7 @@ take one ``softmax`` per row, a few rows at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +231,9 @@ class SamplingPolicy:
                 if self.temperature != 1.0:
                     z32.div_(self.temperature)
             sc: Scores | None
+            prob: Tensor | None
+            w: Tensor | None
+            tmp: Tensor | None
             if cd == torch.float32:
                 sc = ws.scores(z32, with_mass=self.top_p < 1)
                 z, prob, w, tmp = z32, sc.prob, sc.w, ws.tmp[: xc.shape[0]]
@@ -240,11 +244,22 @@ class SamplingPolicy:
                 z = buf64[0, :c].copy_(xc)  # the logits' values in float64 (exact), then / τ
                 if self.temperature != 1.0:
                     z.div_(self.temperature)
-                prob = torch.ops.aten._softmax.out(z, -1, False, out=buf64[1, :c])
-                w = torch.sub(z.amax(-1, keepdim=True), z, out=buf64[2, :c])
-                tmp = buf64[3, :c]
+                b64 = buf64[:, :c]
+
+                def scores64(z: Tensor = z, b64: Tensor = b64) -> tuple[Tensor, Tensor, Tensor]:
+                    """``softmax(z)``, ``max z − z`` and scratch, float64 ``[c, V]``."""
+                    prob = torch.ops.aten._softmax.out(z, -1, False, out=b64[1])
+                    return prob, torch.sub(z.amax(-1, keepdim=True), z, out=b64[2]), b64[3]
+
+                # top-p: only rows cut by value need the whole row's softmax; rows decided from their
+                # top-k prefix or by a mask use the values z alone (no float64 pass over [c, V])
+                prob, w, tmp = scores64() if sc is None else (None, None, None)
             yc = y[s : s + step]
-            lq, en, kc = _chunk_stats(sc, z, prob, w, tmp, yc, self.top_p, self._prefix(v), table)
+            if prob is None:
+                lq, en, kc = _chunk_stats(sc, z, None, None, None, yc, self.top_p, self._prefix(v), table,
+                                          scores64)
+            else:
+                lq, en, kc = _chunk_stats(sc, z, prob, w, tmp, yc, self.top_p, self._prefix(v), table)
             logq[s : s + step], ent[s : s + step] = lq, en
             if key is not None and kc is not None:
                 key[s : s + step] = kc
@@ -253,21 +268,24 @@ class SamplingPolicy:
 
 
 def _chunk_stats(
-    sc: Scores | None, z: Tensor, prob: Tensor, w: Tensor, tmp: Tensor, y: Tensor, top_p: float, k0: int,
-    table: Tensor | None,
+    sc: Scores | None, z: Tensor, prob: Tensor | None, w: Tensor | None, tmp: Tensor | None, y: Tensor,
+    top_p: float, k0: int, table: Tensor | None,
+    scores: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> _Stats:
     """``(log q(y), H, key)`` of a chunk ``z [c, V]`` (compute dtype) without autograd, from ``prob =
     softmax(z)`` and ``w = max z − z``; ``sc`` are the float32 scores the nucleus is decided on (``None``
-    when ``p = 1``), ``tmp`` a ``[c, V]`` scratch buffer; keys only with the key ``table``."""
-    wy = w.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    log_r = prob.amax(-1).log()  # − log Σ_v e^{z_v − max z}
+    when ``p = 1``), ``tmp`` a ``[c, V]`` scratch buffer; keys only with the key ``table``. With top-p,
+    ``prob, w, tmp`` may be ``None`` and ``scores()`` gives them when a row needs them."""
     if top_p >= 1.0 or sc is None:
+        assert prob is not None and w is not None and tmp is not None
+        wy = w.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        log_r = prob.amax(-1).log()  # − log Σ_v e^{z_v − max z}
         s = prob.sum(-1)
         lse = s.log() - log_r  # logsumexp(z) − max z
         return -wy - lse, lse + torch.mul(prob, w, out=tmp).nansum(-1) / s, None  # 0·inf (z = −inf): 0
     nuc = decide(sc, top_p, k0)
-    logq = torch.full_like(wy, float("-inf"))
-    ent = torch.empty_like(wy)
+    logq = torch.full(y.shape, float("-inf"), dtype=z.dtype, device=z.device)
+    ent = torch.empty(y.shape, dtype=z.dtype, device=z.device)
     for rows, idx, n_keep in nuc.sparse:
         in_s = torch.arange(idx.shape[1], device=z.device) < n_keep.unsqueeze(-1)
         lq, en = _masked_stats(z[rows.unsqueeze(-1), idx], in_s, z[rows, y[rows]])
@@ -275,6 +293,10 @@ def _chunk_stats(
         logq[rows] = torch.where(inside, lq, logq[rows])
         ent[rows] = en
     if nuc.cut_rows:
+        if prob is None or w is None or tmp is None:
+            assert scores is not None
+            prob, w, tmp = scores()
+        log_r = prob.amax(-1).log()  # − log Σ_v e^{z_v − max z}
         rows = torch.cat(nuc.cut_rows)
         logq[rows], ent[rows] = _cut_stats(prob, w, tmp, sc.z, y, log_r, rows, torch.cat(nuc.cut))
     for rows, keep in zip(nuc.dense_rows, nuc.dense_keep, strict=True):
