@@ -331,6 +331,47 @@ def check_vmap_flops(
     }
 
 
+# -- issue 14's GPU ratios: top-p statistics vs log_softmax; shared prompts on vs off ----------------
+def check_speed_ratios(dev: torch.device, model: torch.nn.Module, small: bool) -> dict[str, Any]:
+    """``token_stats`` at p = 1 / 0.9 / 0.95 as a multiple of ``log_softmax`` on the device (zipf rows,
+    V = 151,936), and the true ΔH sweep (K = 4) with ``share_prompts`` on vs off at prompt 150 /
+    response 250, G = 8 (results equal to float rounding)."""
+    from benchmarks.bench_topp import zipf_rows
+
+    out: dict[str, Any] = {"top_p": {}}
+    rows = 16 if small else 256
+    for kind, alpha in (("peaked", 1.5), ("flat", 1.1)):
+        z, y = zipf_rows(rows, 151936, alpha, 0)
+        z, y = z.float().to(dev), y.to(dev)
+        _, t_ref, _ = timed(dev, lambda z=z, y=y: torch.log_softmax(z, -1).gather(-1, y[:, None]))
+        out["top_p"][kind] = {
+            str(p): timed(dev, lambda p=p, z=z, y=y: dh.SamplingPolicy(1.0, p).token_stats(z, y))[1] / t_ref
+            for p in (1.0, 0.9, 0.95)
+        }
+    lm = dh.FunctionalLM.from_model(model)
+    pol = dh.SamplingPolicy(1.0, 1.0)
+    n, prompt, resp = (8, 8, 8) if small else (16, 150, 250)
+    with torch.no_grad():
+        ev = sample_batch(lm, n, prompt, resp, 8, 2, pol)
+        base = base_stats(lm, lm.params, ev, pol, 16)
+    g = torch.Generator().manual_seed(0)
+    dirs = {nm: torch.randn(4, *p.shape, generator=g).to(device=dev, dtype=p.dtype)
+            for nm, p in lm.params.items()}
+
+    def run(share: str) -> dh.TrueDeltaH:
+        return dh.delta_h_true_multi(lm.params, dirs, ev, lm=lm, policy=pol, eta=1e-3, base=base, dir_chunk=4,
+                                     tf_batch_size=16, share_prompts=share)
+
+    run("on")  # warm-up
+    r_on, t_on, _ = timed(dev, lambda: run("on"))
+    r_off, t_off, _ = timed(dev, lambda: run("off"))
+    out["shared_prompts"] = {"n": n, "prompt": prompt, "resp": resp, "group": 8, "time_on_s": t_on,
+                             "time_off_s": t_off, "speedup": t_off / t_on,
+                             "max_abs_diff": float((r_on.delta_h - r_off.delta_h).abs().max()),
+                             "share_unsupported": lm.share_unsupported}
+    return out
+
+
 # -- 5. head memory -------------------------------------------------------------------------------
 def check_head_memory(dev: torch.device, model: torch.nn.Module, small: bool) -> list[dict[str, Any]]:
     lm = dh.FunctionalLM.from_model(model)
@@ -454,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
     ap.add_argument("--device", default="cuda", help="cuda or cuda:N (cpu only to try the script itself)")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a smoke run of the script, no figures")
-    ap.add_argument("--only", default="toy,generate,vmap,head_memory,scale")
+    ap.add_argument("--only", default="toy,generate,vmap,ratios,head_memory,scale")
     args = ap.parse_args(argv)
     res: dict[str, Any] = {"torch": torch.__version__, "platform": platform.platform()}
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -472,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if "toy" in only:
         section(res, "toy", lambda: check_toy(dev))
-    if only & {"generate", "vmap", "head_memory", "scale"}:
+    if only & {"generate", "vmap", "ratios", "head_memory", "scale"}:
         print("[building the 0.5B-shape model in bfloat16]", flush=True)
         model, info = scale_model(dev, torch.bfloat16)
         res["scale_model"] = info
@@ -480,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             section(res, "generate", lambda: check_generate(dev, model, args.small))
         if "vmap" in only:
             section(res, "vmap", lambda: check_vmap_flops(dev, model, "bfloat16", args.small))
+        if "ratios" in only:
+            section(res, "ratios", lambda: check_speed_ratios(dev, model, args.small))
         if "head_memory" in only:
             section(res, "head_memory", lambda: check_head_memory(dev, model, args.small))
         if "scale" in only:
