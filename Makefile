@@ -46,7 +46,8 @@ test: lint
 # Any other set: `make test-portable PORTABLE_CAP=avx2` (x86 only).
 PORTABLE_TESTS ?= tests/core/test_policy.py tests/core/test_stats.py tests/estimators/test_true.py \
                   tests/updates/test_grads.py tests/estimators/test_kernel.py tests/updates/test_replay.py \
-                  tests/estimators/test_token_influence.py tests/integrations/test_replay_trl.py
+                  tests/estimators/test_token_influence.py tests/integrations/test_replay_trl.py \
+                  tests/core/test_shared_prompts.py tests/estimators/test_precision_floor.py
 PORTABLE_CAP ?= default
 
 test-portable: setup
