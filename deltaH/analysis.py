@@ -105,7 +105,8 @@ class Trust:
 
 
 def rounding_noise(dtype: str, h_orig: float, n: int, tokens: float | None = None) -> float:
-    """A lower bound on the rounding noise of ΔH in nats (0 if unknown), for per-sequence entropies
+    """The order of magnitude of the rounding noise of ΔH in nats (0 if unknown; not a bound: the
+    module docstring gives measured ratios), for per-sequence entropies
     ``H`` (mean ``h_orig`` nats) over ``n`` sequences of ``tokens`` scored tokens on average.
 
     Without ``tokens``: ``σ = ε(dtype)·|H|·√(2/N)``, the noise of per-sequence sums formed in the

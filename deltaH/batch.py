@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from deltaH._choices import SHARE_PROMPTS
-from deltaH.errors import BatchError
+from deltaH.errors import ArgumentError, BatchError
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,8 @@ def compact(batch: SequenceBatch, share: str = "off") -> Compact:
     prompt pass plus the suffix pass, ``g·Lp + n·Ls`` token-forwards, cost at most nine tenths of
     the plain ``n·L``).
     """
+    if share not in SHARE_MODES:
+        raise ArgumentError(f"share_prompts must be one of {SHARE_MODES}, got {share!r}")
     am, rm, ids = batch.attention_mask, batch.response_mask, batch.input_ids
     n = ids.shape[0]
     lengths = am.sum(1)
@@ -217,7 +219,9 @@ def share_plan(ids: Tensor, resp: Tensor, lengths: Tensor, always: bool = False)
     j = torch.arange(ls, device=dev)
     src = (plen.unsqueeze(1) + j).clamp(max=length - 1)  # [n, Ls]; past a row's end: repeats the last
     suffix_ids = ids.gather(1, src)
-    suffix_pos = plen.unsqueeze(1) + j
+    # a row's slots past its end (padding, seen only by later padding) keep positions within the plain
+    # forward's 0..L-1: position embeddings of any kind see exactly the positions they see there
+    suffix_pos = (plen.unsqueeze(1) + j).clamp(max=length - 1)
     causal = j.unsqueeze(1) >= j.unsqueeze(0)  # [Ls, Ls]
     own = t[:lp].unsqueeze(0) < plen.unsqueeze(1)  # [n, Lp]
     keep = torch.cat([own.unsqueeze(1).expand(n, ls, lp), causal.expand(n, ls, ls)], 2).unsqueeze(1)

@@ -221,6 +221,14 @@ class FunctionalLM:
         kinds = set(getattr(cfg, "layer_types", None) or ())
         if kinds - {"full_attention"} or getattr(cfg, "use_sliding_window", False):
             return f"its layers are not all full attention ({sorted(kinds) or 'use_sliding_window'})"
+        # RoPE whose frequencies depend on the longest position of the call (dynamic NTK, LongRoPE):
+        # the prompt pass would be rotated differently from the plain forward of the whole rows
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        rope_types = {str(r.get("rope_type", r.get("type", ""))) for r in
+                      ([rope] if "rope_type" in rope or "type" in rope else list(rope.values()))
+                      if isinstance(r, dict)}
+        if any("dynamic" in t or t == "longrope" for t in rope_types):
+            return f"its rotary embedding depends on the sequence length ({sorted(rope_types)})"
         from deltaH.batch import SequenceBatch, compact
 
         dev, vocab = self.device, int(getattr(cfg, "vocab_size", 3))

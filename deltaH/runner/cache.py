@@ -29,7 +29,9 @@ import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-FORMAT = 1
+# 2: accelerator tensors marked (they come back on the run's device) and checkpoint.dtype "auto"
+# computing half-precision checkpoints in float32: entries of format 1 are misses
+FORMAT = 2
 
 
 def fingerprint(path: str | Path) -> str:

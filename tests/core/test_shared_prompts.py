@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_batch, sample_responses, tiny_llama, tiny_qwen2, with_lora
+from conftest import _float64_end_to_end, build_batch, sample_responses, tiny_llama, tiny_qwen2, with_lora
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -342,3 +342,61 @@ def test_share_plan_is_none_without_repeats_property() -> None:
     resp = torch.zeros_like(c.ids, dtype=torch.bool)
     resp[c.rows, c.pred_pos + 1] = True
     assert share_plan(c.ids, resp, lengths, always=True) is None
+
+
+def _long_prompt_short_response_rows() -> SequenceBatch:
+    """Two 20-token prompts with 5-token responses, two 2-token prompts with 25-token responses: the
+    longest suffix (25) starts at 2 in one row and at 20 in the other."""
+    rows = [([3] * 20, [1, 2, 3, 4, 5]), ([3] * 20, [5, 4, 3, 2, 1]), ([7, 8], list(range(1, 26))),
+            ([7, 8], list(range(2, 27)))]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.zeros(4, width, dtype=torch.long)
+    am = torch.zeros_like(ids, dtype=torch.bool)
+    rm = am.clone()
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        am[i, : len(p) + len(r)] = True
+        rm[i, len(p) : len(p) + len(r)] = True
+    return SequenceBatch(ids, am, rm)
+
+
+def _llama(max_pos: int, rope: dict | None = None) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    kw = {} if rope is None else {"rope_parameters": rope}
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, **kw)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).double().eval()
+    if rope is None:
+        _float64_end_to_end(model)  # no float32 islands: the two paths differ by float64 sums only
+    return model
+
+
+def test_positions_stay_within_the_plain_forwards() -> None:
+    """A row's suffix slots past its end keep positions < L (the plain forward's range): with learned
+    or length-dependent position embeddings a larger position would change or break the real tokens."""
+    c = compact(_long_prompt_short_response_rows(), share="on")
+    assert c.share is not None and int(c.share.suffix_pos.max()) == c.ids.shape[1] - 1
+    lm = dh.FunctionalLM.from_model(_llama(c.ids.shape[1]))  # no position beyond max_position_embeddings
+    assert lm.share_unsupported == ""
+    with torch.no_grad():
+        close(lm.hidden(lm.params, c)[c.rows, c.pred_pos], lm.backbone(lm.params, c.ids, c.position_ids)[
+            c.rows, c.pred_pos])
+
+
+def test_length_dependent_rope_is_not_shared() -> None:
+    """Dynamic-NTK RoPE rescales its frequencies by the longest position of a call: the prompt pass
+    alone would be rotated differently from the whole rows, so such models do not share."""
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    lm = dh.FunctionalLM.from_model(_llama(16, rope))
+    assert "sequence length" in lm.share_unsupported
+    with pytest.raises(ArgumentError):
+        share_mode(lm, "on")
+    assert share_mode(lm, "auto") == "off"
+
+
+def test_compact_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ArgumentError, match="share_prompts"):
+        compact(_long_prompt_short_response_rows(), share="yes")
