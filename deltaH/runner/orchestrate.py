@@ -158,10 +158,14 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         max_grad_norm=cfg.checkpoint.max_grad_norm,
         optimizer=cfg.checkpoint.optimizer == "saved",
     )
+    upcast_from, upcast_trainable = "", False
     if cfg.checkpoint.dtype == "auto":
         half = sorted({str(p.dtype).removeprefix("torch.") for p in ckpt.model.parameters()
                        if p.dtype in (torch.bfloat16, torch.float16)})
         if half:  # benchmarks/bench_precision.py: in bf16, ΔH at a realistic lr is rounding noise
+            upcast_from = "/".join(half)
+            upcast_trainable = any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+                                   for p in ckpt.model.parameters())
             ckpt.model.to(torch.float32)
             log.info("checkpoint saved in %s: computing in float32 (checkpoint.dtype: auto; half precision "
                      "cannot resolve the entropy change of a realistic step)", "/".join(half))
@@ -210,6 +214,8 @@ def load_inputs(cfg: Config, ckpt_path: str, quiet: bool) -> st.Inputs:
         seeds=st.Seeds.of(cfg.seed),
         quiet=quiet,
         source=source,
+        upcast_from=upcast_from,
+        upcast_trainable=upcast_trainable,
     )
 
 

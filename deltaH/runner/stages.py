@@ -87,6 +87,10 @@ class Inputs:
     source: UpdateSource = UpdateSource("sampled", None, None, None, "update_batch.source is sample", None)
     #: the ``dir_chunk`` stage's choice (``compute.dir_chunk: auto`` calibrated); None: not yet run
     dir_chunk: int | None = None
+    #: the half-precision dtype the checkpoint was saved in when ``checkpoint.dtype: auto`` computes it
+    #: in float32 ("" otherwise), and whether its trainable parameters were in that dtype too
+    upcast_from: str = ""
+    upcast_trainable: bool = False
 
     @property
     def compute_dtype(self) -> str:

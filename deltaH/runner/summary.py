@@ -306,8 +306,16 @@ def replay_summary(inp: Inputs, dr: Directions, real: Realised | None) -> sc.Rep
 
 
 def source_warnings(cfg: Config, inp: Inputs, real: Realised | None) -> list[str]:
-    """What a reader must know about where U came from."""
+    """What a reader must know about where U came from (and what it was computed in)."""
     out = []
+    if inp.upcast_from:
+        what = (f"its {inp.upcast_from} weights" if inp.upcast_trainable
+                else f"its {inp.upcast_from} base weights (the trainable ones were already float32)")
+        note = (": the trainer's own step rounded every weight to "
+                f"{inp.upcast_from}, which the float32 step deltaH analyses does not, so a replay error "
+                "against the next checkpoint includes that rounding" if inp.upcast_trainable else "")
+        out.append(f"checkpoint.dtype auto computed {what} in float32 (in half precision ΔH at a "
+                   f"realistic lr is rounding noise; set checkpoint.dtype to keep it){note}")
     opts = inp.source.options
     if inp.source.kind == "recorded" and opts is not None:
         if (opts.temperature, opts.top_p) != (cfg.policy.temperature, cfg.policy.top_p):

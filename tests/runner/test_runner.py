@@ -266,8 +266,13 @@ def test_auto_dtype_computes_a_bfloat16_checkpoint_in_float32(tmp_path: Path) ->
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["checkpoint"]["dtype"] == "float32" and s["trust"]["dtype"] == "float32"
+    # the summary says so (the LoRA adapters were float32 already: no rounding of the step to explain)
+    said = [w for w in s["warnings"] if w.startswith("checkpoint.dtype auto computed")]
+    assert len(said) == 1 and "bfloat16 base weights" in said[0] and "replay error" not in said[0]
     rc, out = _run(tmp_path, "kept", *tiny, "checkpoint.dtype=bfloat16")  # asked for: kept
-    assert rc == 0 and json.loads((out / "summary.json").read_text())["checkpoint"]["dtype"] == "bfloat16"
+    kept = json.loads((out / "summary.json").read_text())
+    assert rc == 0 and kept["checkpoint"]["dtype"] == "bfloat16"
+    assert not any(w.startswith("checkpoint.dtype auto") for w in kept["warnings"])
 
 
 def test_eval_batch_matches_saved_stats(full_run: Path) -> None:
@@ -637,3 +642,19 @@ def test_fresh_adamw_is_torchs_first_step() -> None:
     opt.step()
     for n, p in named.items():
         torch.testing.assert_close(before[n] + delta[n], p.detach(), rtol=0, atol=1e-7)  # float32 ulps
+
+
+def test_upcast_warning_names_the_step_rounding_of_full_weight_training() -> None:
+    """A full-weight half-precision checkpoint: the trainer rounded its step to bf16, deltaH analyses
+    the float32 step, so a replay error against the next checkpoint includes that rounding."""
+    from types import SimpleNamespace
+
+    from deltaH.runner.summary import source_warnings
+
+    src = SimpleNamespace(kind="sampled", options=None)
+    full = source_warnings(None, SimpleNamespace(source=src, upcast_from="bfloat16", upcast_trainable=True),
+                           None)  # type: ignore[arg-type]
+    assert len(full) == 1 and "its bfloat16 weights" in full[0] and "replay error" in full[0]
+    none = source_warnings(None, SimpleNamespace(source=src, upcast_from="", upcast_trainable=False),
+                           None)  # type: ignore[arg-type]
+    assert none == []
