@@ -96,7 +96,8 @@ class TrustInfo:
     trusted: list[bool] = _f("per η: is ΔH of the full update trustworthy there [n_eta]")
     notes: list[str] = _f("why η values of the full update were not trusted")
     khat_threshold: float = _f("PSIS k̂ threshold for this N: min(1 − 1/log10 N, 0.7)")
-    noise: float = _f("σ = ε(dtype)·|H|·√(2/N), a lower bound on ΔH's rounding noise in nats")
+    noise: float = _f("σ = ε(dtype)·(|H|/√T)·√(2/N) (T: scored tokens per sequence), the order of "
+                        "magnitude of ΔH's rounding noise in nats")
     dtype: str = _f("the dtype the logits were computed in")
     top_p: bool = _f("whether the policy truncates (retained mass and nucleus moves are checked)")
     rule: TrustRuleInfo = _f("the thresholds the verdicts used")
