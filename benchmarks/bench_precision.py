@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +35,15 @@ import torch
 
 import deltaH as dh
 import deltaH.policy
-from benchmarks.bench_scale import EOS, as_dtype, build_model, group_advantages, machine, sample_batch
+from benchmarks.bench_scale import (
+    EOS,
+    as_dtype,
+    build_model,
+    group_advantages,
+    machine,
+    sample_batch,
+    write_labelled,
+)
 from deltaH.analysis import rounding_noise, trust_range
 from deltaH.updates.grads import logprob_sums
 from deltaH.updates.losses import loss_coefficients
@@ -167,16 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-steps", type=int, default=2)
     args = ap.parse_args(argv)
     res = {k: run(k, args.lr, args.warm_steps) for k in args.kinds.split(",")}
-    old: dict[str, Any] = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            old = json.load(f)
-    old[args.label] = {"machine": machine(), "eos": EOS, "runs": res}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(old, f, indent=2, sort_keys=True)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out} [{args.label}]")
+    write_labelled(args.out, args.label, {"machine": machine(), "eos": EOS, "runs": res})
     return 0
 
 

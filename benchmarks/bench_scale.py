@@ -473,6 +473,17 @@ def _full_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for p in points if set(p["stages"]) >= need]
 
 
+def write_labelled(path: str, label: str, value: Any) -> None:
+    """``path``'s JSON object with ``value`` under ``label`` (other labels kept), written atomically."""
+    old: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    old[label] = value
+    _write(path, old)
+    print(f"wrote {path} [{label}]")
+
+
 def _write(path: str, res: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"

@@ -17,7 +17,6 @@ Run: ``python -m benchmarks.profile_sweep`` (≈ 2 min); JSON to ``benchmarks/re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections import defaultdict
@@ -27,7 +26,7 @@ import torch
 
 import deltaH as dh
 from benchmarks.bench_core import build, make_batch, random_dirs, timeit
-from benchmarks.bench_scale import machine
+from benchmarks.bench_scale import machine, write_labelled
 from deltaH.estimators.true import base_stats
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
@@ -118,16 +117,7 @@ def main(argv: list[str] | None = None) -> int:
            "load_end": os.getloadavg()[0],
            "model": "small (bench_core)", "K": k, "N": n, "tokens": "16 prompt + 48 response",
            "matmul_flops_per_s": peak, "runs": runs, "time": time.strftime("%Y-%m-%d %H:%M")}
-    old: dict[str, Any] = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            old = json.load(f)
-    old[args.label] = res
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(old, f, indent=2, sort_keys=True)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out} [{args.label}]")
+    write_labelled(args.out, args.label, res)
     return 0
 
 
