@@ -92,76 +92,76 @@ def sequence_logprob_grads(
                 raise ParameterNameError(f"names: '{n}' is a trainable parameter but is missing from params")
             lm.check_names({n: torch.empty(0)}, what="names")  # raises with an explanation
     lm.check_names({n: params[n] for n in names})
-    rest = {n: t for n, t in params.items() if n not in names}
     grads: dict[str, list[Tensor]] = {n: [] for n in names}
     sums: list[Tensor] = []
-    streamed = not (set(names) & lm.head_names)
+    # the head's part in closed form unless a head parameter is differentiated (then vmap over it)
+    chunk_grads = _streamed_chunk if not (set(names) & lm.head_names) else _vmapped_chunk
     for s in range(0, len(batch), seq_chunk):
         c = compact(batch.select(slice(s, s + seq_chunk)))
-        if streamed:
-            g, val = _streamed_chunk(lm, params, names, c, temperature, policy,
-                                     None if w3 is None else w3[s : s + c.n])
-            if token_weights is not None and token_weights.dim() == 2:
-                g, val = {n: t.squeeze(1) for n, t in g.items()}, val.squeeze(1)
-            for n in names:
-                grads[n].append(g[n])
-            sums.append(val.double())
-            if on_progress is not None:
-                on_progress(min(s + seq_chunk, len(batch)), len(batch))
-            continue
-        length = c.ids.shape[1]
-        mask = torch.zeros(c.n, length, dtype=torch.bool, device=c.ids.device)
-        mask[c.rows, c.pred_pos] = True
-        tgt = torch.zeros(c.n, length, dtype=torch.long, device=c.ids.device)
-        tgt[c.rows, c.pred_pos] = c.targets
-        pos = c.position_ids[0]
-        keep = None
-        if policy is not None and policy.top_p < 1.0:
-            with torch.no_grad():
-                keep = policy.nucleus_mask(lm.head(params, lm.backbone(params, c.ids, c.position_ids)))
-
-        def s_i(
-            p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, kp: Tensor | None, pos: Tensor = pos
-        ) -> tuple[Tensor, Tensor]:
-            full = {**rest, **p}
-            h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
-            lp = trainer_logprob(lm.head(full, h), y, temperature, kp)
-            val = torch.where(m, lp, torch.zeros_like(lp)).sum()
-            return val, val.detach()
-
-        sub = {n: params[n] for n in names}
-        dims = (None, 0, 0, 0, None if keep is None else 0)
-        if w3 is None:
-            g, val = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=dims)(
-                sub, c.ids, mask, tgt, keep
-            )
-        else:
-            # the k-th scored token of a row sits at its k-th True position of `mask`
-            k = mask.cumsum(1)[c.rows, c.pred_pos] - 1
-            wpos = torch.zeros(c.n, w3.shape[1], length, dtype=w3.dtype, device=c.ids.device)
-            wpos[c.rows, :, c.pred_pos] = w3[s + c.rows, :, k]
-
-            def s_w(
-                p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, kp: Tensor | None, w: Tensor,
-                pos: Tensor = pos,
-            ) -> tuple[Tensor, Tensor]:
-                full = {**rest, **p}
-                h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
-                lp = trainer_logprob(lm.head(full, h), y, temperature, kp)
-                val = (w * torch.where(m, lp, torch.zeros_like(lp))).sum(-1)  # [K]
-                return val, val.detach()
-
-            g, val = torch.func.vmap(torch.func.jacrev(s_w, has_aux=True), in_dims=(*dims, 0))(
-                sub, c.ids, mask, tgt, keep, wpos
-            )
-            if token_weights is not None and token_weights.dim() == 2:
-                g, val = {n: t.squeeze(1) for n, t in g.items()}, val.squeeze(1)
+        w = None if w3 is None else w3[s : s + c.n]
+        g, val = chunk_grads(lm, params, names, c, temperature, policy, w)
+        if token_weights is not None and token_weights.dim() == 2:
+            g, val = {n: t.squeeze(1) for n, t in g.items()}, val.squeeze(1)
         for n in names:
             grads[n].append(g[n])
         sums.append(val.double())
         if on_progress is not None:
             on_progress(min(s + seq_chunk, len(batch)), len(batch))
     return {n: torch.cat(v) for n, v in grads.items()}, torch.cat(sums)
+
+
+def _vmapped_chunk(
+    lm: FunctionalLM, params: Mapping[str, Tensor], names: Sequence[str], c: Compact, temperature: float,
+    policy: SamplingPolicy | None, w3: Tensor | None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """One chunk's ``(G [n, (K,) ...], S [n, (K)])`` with the head inside ``vmap(grad)`` (a head
+    parameter is differentiated); ``w3 [n, K, T_max]``: the chunk's token weights, or None."""
+    rest = {n: t for n, t in params.items() if n not in names}
+    length = c.ids.shape[1]
+    mask = torch.zeros(c.n, length, dtype=torch.bool, device=c.ids.device)
+    mask[c.rows, c.pred_pos] = True
+    tgt = torch.zeros(c.n, length, dtype=torch.long, device=c.ids.device)
+    tgt[c.rows, c.pred_pos] = c.targets
+    pos = c.position_ids[0]
+    keep = None
+    if policy is not None and policy.top_p < 1.0:
+        with torch.no_grad():
+            keep = policy.nucleus_mask(lm.head(params, lm.backbone(params, c.ids, c.position_ids)))
+
+    def s_i(
+        p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, kp: Tensor | None, pos: Tensor = pos
+    ) -> tuple[Tensor, Tensor]:
+        full = {**rest, **p}
+        h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
+        lp = trainer_logprob(lm.head(full, h), y, temperature, kp)
+        val = torch.where(m, lp, torch.zeros_like(lp)).sum()
+        return val, val.detach()
+
+    sub = {n: params[n] for n in names}
+    dims = (None, 0, 0, 0, None if keep is None else 0)
+    if w3 is None:
+        grad_i = torch.func.vmap(torch.func.grad(s_i, has_aux=True), in_dims=dims)
+        g, val = grad_i(sub, c.ids, mask, tgt, keep)
+        return g, val
+    # the k-th scored token of a row sits at its k-th True position of `mask`
+    k = mask.cumsum(1)[c.rows, c.pred_pos] - 1
+    wpos = torch.zeros(c.n, w3.shape[1], length, dtype=w3.dtype, device=c.ids.device)
+    wpos[c.rows, :, c.pred_pos] = w3[c.rows, :, k]
+
+    def s_w(
+        p: Mapping[str, Tensor], ids: Tensor, m: Tensor, y: Tensor, kp: Tensor | None, w: Tensor,
+        pos: Tensor = pos,
+    ) -> tuple[Tensor, Tensor]:
+        full = {**rest, **p}
+        h = lm.backbone(full, ids.unsqueeze(0), pos.unsqueeze(0))[0]  # [L, D]
+        lp = trainer_logprob(lm.head(full, h), y, temperature, kp)
+        val = (w * torch.where(m, lp, torch.zeros_like(lp))).sum(-1)  # [K]
+        return val, val.detach()
+
+    g, val = torch.func.vmap(torch.func.jacrev(s_w, has_aux=True), in_dims=(*dims, 0))(
+        sub, c.ids, mask, tgt, keep, wpos
+    )
+    return g, val
 
 
 def _streamed_chunk(
